@@ -1,0 +1,42 @@
+"""Requantize: int32 / int16 / int8 -> int8 by a dyadic multiplier.
+
+    y = clamp((x * m + 2**(s-1)) >> s, -128, 127)       (int8)
+
+``x``: any integer tensor with ``|x| < 2**31``; ``m``: int64, scalar or a
+vector broadcast along the last axis, ``|m| < 2**25``; ``s``: int64 in
+``[1, 62]``, same shape as ``m``.  Bound: ``|x*m| < 2**56``, inside the
+``2**62`` margin of ``dyadic``.  Rounding is half up (see ``dyadic``).
+The float meaning: ``y ~= round(x * S_in / S_out)`` with ``m / 2**s ~=
+S_in / S_out``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from intq.quantizer.ops.base import IntegerOp, as_buffer
+from intq.quantizer.ops.dyadic import dyadic, requantize
+from intq.quantizer.ops.onnx_fn import FunctionBuilder
+
+
+class Requantize(IntegerOp):
+    op_type = "Requantize"
+    data_inputs = ("x",)
+    param_names = ("m", "s")
+    output_dtype = torch.int8
+    qmin, qmax = -128, 127
+
+    def __init__(self, ratio):
+        super().__init__()
+        m, s = dyadic(ratio)
+        self.register_buffer("m", as_buffer(m, torch.int64))
+        self.register_buffer("s", as_buffer(s, torch.int64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return requantize(x, self.m, self.s, self.qmin, self.qmax).to(self.output_dtype)
+
+    @classmethod
+    def function_proto(cls):
+        b = FunctionBuilder(cls.op_type, ["x", "m", "s"], doc=__doc__)
+        b.requantize(b.cast("x", "int64"), "m", "s", cls.qmin, cls.qmax, "int8", out="y")
+        return b.build()
