@@ -1,0 +1,16 @@
+"""intq: integer-only quantized inference (HAWQV3 dyadic arithmetic, I-ViT
+Shiftmax / ShiftGELU / I-LayerNorm), exported as integer-only ONNX."""
+
+from intq.config import Calibration, QuantConfig
+
+__version__ = "0.1.0"
+__all__ = ["Calibration", "QuantConfig", "quantize", "__version__"]
+
+
+def __getattr__(name):
+    # torch and onnx load only when the API is used (the CLI's --help stays fast)
+    if name == "quantize":
+        from intq.api import quantize
+
+        return quantize
+    raise AttributeError(name)

@@ -67,3 +67,19 @@ def load_sst2(split: str = "dev", path: str | Path | None = None) -> tuple[list[
             sentences.append(text.strip())
             labels.append(int(label))
     return sentences, np.asarray(labels, dtype=np.int64)
+
+
+CALIB_PATH = Path(__file__).parent / "data" / "sst2_calib.tsv"
+
+
+def load_calibration_sentences(n: int = 256) -> list[str]:
+    """``n`` (at most 512) SST-2 train phrases shipped for calibration.
+
+    They are the last 512 of ``numpy.random.default_rng(0).permutation(67349)``
+    over SST-2 train: disjoint from the probe's 8,000 training phrases (the
+    first 8,000 of the same permutation) and from dev.
+    """
+    sentences, _ = load_sst2("dev", path=CALIB_PATH)
+    if not 1 <= n <= len(sentences):
+        raise ValueError(f"n={n}: the shipped calibration slice holds 1 to {len(sentences)} phrases.")
+    return sentences[:n]

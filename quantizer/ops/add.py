@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from intq.quantizer.ops.base import IntegerOp, as_buffer
 from intq.quantizer.ops.dyadic import dyadic, requantize
 from intq.quantizer.ops.linear import check_requantize_margin
@@ -40,15 +41,20 @@ class IntAdd(IntegerOp):
     output_dtype = torch.int16
     qmin, qmax = -32768, 32767
 
-    def __init__(self, ratio_a: float, ratio_b: float):
+    def __init__(self, ratio_a, ratio_b):
         super().__init__()
-        if np.ndim(ratio_a) != 0 or np.ndim(ratio_b) != 0:
-            raise ValueError(f"{self.op_type}: ratio_a and ratio_b must be scalars (one scale per tensor)")
-        m, s = dyadic(np.array([ratio_a, ratio_b], dtype=np.float64), shared_shift=True)
-        # The margin is on the sum, so the bound is 2**15 * (|m_a| + |m_b|), taken as acc_bound * 1.
-        check_requantize_margin(INPUT_BOUND * int(np.abs(m).sum()), np.int64(1), s, self.op_type)
-        self.register_buffer("m_a", as_buffer(m[0], torch.int64))
-        self.register_buffer("m_b", as_buffer(m[1], torch.int64))
+        ra = np.asarray(ratio_a, dtype=np.float64)
+        rb = np.asarray(ratio_b, dtype=np.float64)
+        if ra.ndim > 1 or rb.ndim > 1:
+            raise ValueError(f"{self.op_type}: a ratio is a scalar or one value per last-axis channel")
+        # one shift for every multiplier of both inputs, so the sum is rounded once
+        m, s = dyadic(np.concatenate([ra.reshape(-1), rb.reshape(-1)]), shared_shift=True)
+        m_a, m_b = m[: ra.size].reshape(ra.shape), m[ra.size :].reshape(rb.shape)
+        # The margin is on the sum, so the bound is 2**15 * (max|m_a| + max|m_b|), taken as acc_bound * 1.
+        worst = int(np.abs(m_a).max()) + int(np.abs(m_b).max())
+        check_requantize_margin(INPUT_BOUND * worst, np.int64(1), s, self.op_type)
+        self.register_buffer("m_a", as_buffer(m_a, torch.int64))
+        self.register_buffer("m_b", as_buffer(m_b, torch.int64))
         self.register_buffer("s", as_buffer(s[0], torch.int64))
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -53,4 +53,4 @@ class IntegerOp(torch.nn.Module):
 def as_buffer(value, dtype: torch.dtype) -> torch.Tensor:
     """An exact integer tensor from a numpy array / scalar, for ``register_buffer``."""
     arr = np.asarray(value)
-    return torch.from_numpy(np.ascontiguousarray(arr)).to(dtype)
+    return torch.from_numpy(np.array(arr, order="C")).to(dtype)

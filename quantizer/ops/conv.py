@@ -38,11 +38,12 @@ import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
+from onnx import TensorProto
+
 from intq.quantizer.ops.base import IntegerOp, as_buffer
 from intq.quantizer.ops.dyadic import dyadic, requantize
 from intq.quantizer.ops.linear import accumulator_bound, channel_ratio, check_requantize_margin, int_array
 from intq.quantizer.ops.onnx_fn import FunctionBuilder
-from onnx import TensorProto
 
 UINT8_OFFSET = 128  # int8 + 128 is uint8; ConvInteger subtracts it back as the zero point
 

@@ -50,8 +50,10 @@ def dyadic(ratio, bits: int = MULTIPLIER_BITS, shared_shift: bool = False) -> tu
         top = float(mag.max()) if mag.size else 0.0
         s = np.full(r.shape, _shift_for(top, bits), dtype=np.int64)
     else:
-        s = np.vectorize(lambda v: _shift_for(float(v), bits), otypes=[np.int64])(mag) if r.ndim else np.int64(
-            _shift_for(float(mag), bits)
+        s = (
+            np.vectorize(lambda v: _shift_for(float(v), bits), otypes=[np.int64])(mag)
+            if r.ndim
+            else np.int64(_shift_for(float(mag), bits))
         )
         s = np.asarray(s, dtype=np.int64)
     m = np.rint(r * np.exp2(s.astype(np.float64))).astype(np.int64)

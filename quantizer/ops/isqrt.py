@@ -44,6 +44,7 @@ callers must bound ``v`` (I-LayerNorm documents ``var < 2**48``).
 from __future__ import annotations
 
 import torch
+
 from intq.quantizer.ops.onnx_fn import FunctionBuilder
 
 ISQRT_ITERATIONS = 24

@@ -95,6 +95,7 @@ from typing import NoReturn
 
 import numpy as np
 import torch
+
 from intq.quantizer.ops.base import IntegerOp, as_buffer
 from intq.quantizer.ops.dyadic import MAX_SHIFT, MIN_SHIFT, dyadic
 from intq.quantizer.ops.isqrt import isqrt, isqrt_onnx
@@ -116,7 +117,7 @@ class ILayerNorm(IntegerOp):
     output_dtype = torch.int8
     qmin, qmax = -128, 127
 
-    def __init__(self, gamma: np.ndarray, beta: np.ndarray, eps: float, scale_in: float, scale_out: float):
+    def __init__(self, gamma: np.ndarray, beta: np.ndarray, eps: float, scale_in: float, scale_out):
         super().__init__()
         gamma = np.asarray(gamma, dtype=np.float64)
         beta = np.asarray(beta, dtype=np.float64)
@@ -130,9 +131,15 @@ class ILayerNorm(IntegerOp):
             raise ValueError(f"ILayerNorm: C = {channels} channels is outside [1, {MAX_CHANNELS}] (the int64 bounds)")
         if not (np.all(np.isfinite(gamma)) and np.all(np.isfinite(beta))):
             raise ValueError("ILayerNorm: gamma and beta must be finite")
-        for name, value in (("scale_in", scale_in), ("scale_out", scale_out)):
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"ILayerNorm: {name} must be a positive finite float, got {value}")
+        scale_out = np.asarray(scale_out, dtype=np.float64)
+        if scale_out.ndim > 1 or (scale_out.ndim == 1 and scale_out.shape != gamma.shape):
+            raise ValueError(
+                f"ILayerNorm: scale_out must be a scalar or one scale per channel ({channels}), got shape "
+                f"{scale_out.shape}"
+            )
+        for name, value in (("scale_in", np.asarray(scale_in, dtype=np.float64)), ("scale_out", scale_out)):
+            if not (np.all(np.isfinite(value)) and np.all(value > 0)):
+                raise ValueError(f"ILayerNorm: {name} must be positive and finite, got {value}")
         if not (math.isfinite(eps) and eps >= 0):
             raise ValueError(f"ILayerNorm: eps must be a non-negative finite float, got {eps}")
 
@@ -162,7 +169,8 @@ class ILayerNorm(IntegerOp):
         self.register_buffer("s", as_buffer(s, torch.int64))
 
     @staticmethod
-    def _overflow(c: int, gamma: np.ndarray, beta: np.ndarray, scale_out: float) -> NoReturn:
+    def _overflow(c: int, gamma: np.ndarray, beta: np.ndarray, scale_out) -> NoReturn:
+        scale_out = float(scale_out) if np.ndim(scale_out) == 0 else float(scale_out[c])
         raise ValueError(
             f"ILayerNorm channel {c}: gamma/scale_out = {gamma[c] / scale_out:.4g} and beta/scale_out = "
             f"{beta[c] / scale_out:.4g} make |P*m| + |bias| + 2**(s-1) reach 2**62, beyond the int64 accumulator; "

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from intq.quantizer.ops.base import IntegerOp, as_buffer
 from intq.quantizer.ops.dyadic import dyadic, int_matmul, requantize
 from intq.quantizer.ops.onnx_fn import FunctionBuilder
@@ -144,8 +145,23 @@ class IntLinear(_LinearBase):
     def function_proto(cls):
         fb = FunctionBuilder(cls.op_type, ["x", "w", "b", "m", "s"], doc=__doc__)
         acc = fb.op("Add", fb.cast(cls.onnx_matmul(fb), "int64"), fb.cast("b", "int64"))
-        fb.requantize(acc, "m", "s", cls.qmin, cls.qmax, "int8", out="y")
+        fb.requantize(acc, "m", "s", cls.qmin, cls.qmax, str(cls.output_dtype).removeprefix("torch."), out="y")
         return fb.build()
+
+
+class IntLinear16(IntLinear):
+    """``IntLinear`` whose output is requantized to int16: ``clamp(..., -32768, 32767)``.
+
+    For a linear layer whose only consumer is a residual add (the int16
+    residual stream): transformer FFN outputs carry a few channels with
+    values ~100x the rest, which an int8 per-tensor scale cannot hold
+    (MiniLM-L6: fake-quantizing the FFN outputs alone to int8 drops the
+    embedding cosine to 0.88; int16 keeps it above 0.999).
+    """
+
+    op_type = "IntLinear16"
+    output_dtype = torch.int16
+    qmin, qmax = -32768, 32767
 
 
 class IntLinearAcc(_LinearBase):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from intq.quantizer.ops.base import IntegerOp, as_buffer
 from intq.quantizer.ops.dyadic import dyadic, int_matmul, requantize
 from intq.quantizer.ops.linear import ACC_LIMIT, MAX_K, check_requantize_margin

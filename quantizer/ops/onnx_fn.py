@@ -61,8 +61,12 @@ class FunctionBuilder:
     def floor_shift(self, x: str, s: str) -> str:
         """int64 ``x >> s`` (floor) for ``|x| < 2**62``, ``s`` int64 in [0, 62] (broadcasts)."""
         offset = self.const(SHIFT_OFFSET, "int64", "offset")
-        shifted = self.op("BitShift", self.cast(self.op("Add", x, offset), "uint64"), self.cast(s, "uint64"), direction="RIGHT")
-        offset_shifted = self.op("BitShift", self.const(SHIFT_OFFSET, "uint64", "offset_u"), self.cast(s, "uint64"), direction="RIGHT")
+        shifted = self.op(
+            "BitShift", self.cast(self.op("Add", x, offset), "uint64"), self.cast(s, "uint64"), direction="RIGHT"
+        )
+        offset_shifted = self.op(
+            "BitShift", self.const(SHIFT_OFFSET, "uint64", "offset_u"), self.cast(s, "uint64"), direction="RIGHT"
+        )
         return self.op("Sub", self.cast(shifted, "int64"), self.cast(offset_shifted, "int64"))
 
     def shift_left(self, x: str, s: str) -> str:
@@ -103,10 +107,10 @@ def single_op_model(op, example_inputs: list[np.ndarray]) -> onnx.ModelProto:
     fn = op.function_proto()
     data_names = list(op.data_inputs)
     params = op.params()
-    inits = [numpy_helper.from_array(np.ascontiguousarray(v), name=k) for k, v in params.items()]
+    inits = [numpy_helper.from_array(np.array(v, order="C"), name=k) for k, v in params.items()]
     ins = [
         helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape))
-        for n, a in zip(data_names, example_inputs)
+        for n, a in zip(data_names, example_inputs, strict=True)
     ]
     out_dtype = str(op.output_dtype).replace("torch.", "")
     outs = [helper.make_tensor_value_info("y", _ONNX_DTYPE[out_dtype], None)]

@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from intq.quantizer.ops.onnx_fn import FunctionBuilder
 
 EXP_BITS = 15  # N: e carries D * 2**N at t = 0

@@ -62,6 +62,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from intq.quantizer.ops.base import IntegerOp, as_buffer
 from intq.quantizer.ops.dyadic import dyadic, requantize
 from intq.quantizer.ops.onnx_fn import FunctionBuilder

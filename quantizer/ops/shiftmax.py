@@ -48,6 +48,7 @@ element to 0: ``L = 512`` equal logits give ``sum(y) = 0``); within a row
 from __future__ import annotations
 
 import torch
+
 from intq.quantizer.ops.base import IntegerOp, as_buffer
 from intq.quantizer.ops.onnx_fn import FunctionBuilder
 from intq.quantizer.ops.shift_exp import exp_divisor, shift_exp, shift_exp_onnx

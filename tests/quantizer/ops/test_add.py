@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+
 from intq.quantizer.ops.add import IntAdd
 from intq.quantizer.ops.onnx_fn import single_op_model
 
@@ -111,7 +112,11 @@ def test_close_to_float_reference(data):
     y = IntAdd(ratio_a, ratio_b)(torch.from_numpy(a), torch.from_numpy(b)).numpy().astype(np.float64)
     v = a * ratio_a + b * ratio_b
     err = np.abs(y - np.clip(v, INT16_MIN, INT16_MAX))
-    bound = 0.5 + (np.abs(a) + np.abs(b)) * max(abs(ratio_a), abs(ratio_b)) * 2.0**-24 + 1e-9
+    bound = (
+        0.5
+        + (np.abs(a.astype(np.float64)) + np.abs(b.astype(np.float64))) * max(abs(ratio_a), abs(ratio_b)) * 2.0**-24
+        + 1e-9
+    )
     assert np.all(err <= bound), f"max excess {np.max(err - bound)}"
 
 
@@ -124,11 +129,26 @@ def test_refuses_ratio_past_requantize_margin():
         IntAdd(1.0, 2.0**50)
 
 
-def test_refuses_non_finite_or_non_scalar_ratio():
+def test_refuses_non_finite_or_matrix_ratio():
     with pytest.raises(ValueError, match="non-finite"):
         IntAdd(float("nan"), 1.0)
-    with pytest.raises(ValueError, match="must be scalars"):
-        IntAdd(np.array([1.0, 2.0]), 1.0)
+    with pytest.raises(ValueError, match="one value per last-axis channel"):
+        IntAdd(np.ones((2, 2)), 1.0)
+
+
+def test_per_channel_ratio_matches_onnxruntime_and_float():
+    """A per-channel ratio (a LayerNorm output with one scale per channel) scales each channel on its own."""
+    rng = np.random.default_rng(7)
+    ra = rng.uniform(0.01, 3.0, size=16)
+    op = IntAdd(ra, 0.37)
+    a = rng.integers(-128, 128, size=(3, 5, 16)).astype(np.int8)
+    b = rng.integers(-32768, 32768, size=(3, 5, 16)).astype(np.int16)
+    got = op(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    sess = ort.InferenceSession(single_op_model(op, [a, b]).SerializeToString())
+    np.testing.assert_array_equal(sess.run(None, {"a": a, "b": b})[0], got)
+    exact = a.astype(np.float64) * ra + b.astype(np.float64) * 0.37
+    expected = np.clip(np.floor(exact + 0.5), -32768, 32767)
+    assert np.abs(got - expected).max() <= 1
 
 
 def test_refuses_wide_inputs():

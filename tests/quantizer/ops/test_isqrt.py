@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 
-import intq.quantizer.ops.isqrt as isqrt_module
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import intq.quantizer.ops.isqrt as isqrt_module
 from intq.quantizer.ops.isqrt import ISQRT_LIMIT, isqrt, isqrt_onnx
 from intq.quantizer.ops.onnx_fn import FunctionBuilder, single_op_model
 

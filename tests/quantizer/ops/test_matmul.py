@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+
 from intq.quantizer.ops.linear import MAX_K
 from intq.quantizer.ops.matmul import IntMatMul, IntMatMulAcc
 from intq.quantizer.ops.onnx_fn import single_op_model

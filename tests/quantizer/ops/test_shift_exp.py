@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from intq.quantizer.ops.base import as_buffer
 from intq.quantizer.ops.onnx_fn import FunctionBuilder, single_op_model
 from intq.quantizer.ops.shift_exp import EXP_BITS, MAX_DIVISOR, exp_divisor, shift_exp, shift_exp_onnx

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from intq.quantizer.ops.onnx_fn import single_op_model
 from intq.quantizer.ops.shiftgelu import ShiftGELU, shift_sigmoid
 

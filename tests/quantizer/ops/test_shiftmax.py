@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from intq.quantizer.ops.onnx_fn import single_op_model
 from intq.quantizer.ops.shiftmax import Shiftmax
 

@@ -1,0 +1,97 @@
+"""Canonical float operators: the few shapes every supported model is
+rewritten into before calibration (see ``canonicalize``).
+
+Each is a small torch module whose ``forward`` is the float computation
+(used for calibration) and whose attributes hold what the converter needs to
+build the integer op (weights, epsilon, the constant factor).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+class FLinear(torch.nn.Module):
+    """y = x @ weight.T + bias, weight [N, K] (a MatMul/Gemm with constant weight)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().to(torch.float32).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).reshape(-1))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class FConv2d(torch.nn.Module):
+    """2-D convolution with constant weight; pads are (top, left, bottom, right)."""
+
+    def __init__(self, weight, bias, stride, pads, dilation, groups):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().to(torch.float32).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).reshape(-1))
+        self.stride, self.pads, self.dilation, self.groups = tuple(stride), tuple(pads), tuple(dilation), groups
+
+    def forward(self, x):
+        top, left, bottom, right = self.pads
+        if any(self.pads):
+            x = F.pad(x, (left, right, top, bottom))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class FMatMul(torch.nn.Module):
+    """Batched matmul of two activations (attention's QK^T and AV)."""
+
+    def forward(self, a, b):
+        return torch.matmul(a, b)
+
+
+class FScale(torch.nn.Module):
+    """Multiplication by a positive scalar constant (e.g. attention's 1/sqrt(d))."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = float(factor)
+
+    def forward(self, x):
+        return x * self.factor
+
+
+class FAdd(torch.nn.Module):
+    """Elementwise sum of two tensors (residual add, positional embedding)."""
+
+    def forward(self, a, b):
+        return a + b
+
+
+class FSoftmax(torch.nn.Module):
+    """Softmax over the last axis."""
+
+    def forward(self, x):
+        return torch.softmax(x, dim=-1)
+
+
+class FGelu(torch.nn.Module):
+    """Exact (erf) GELU."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+class FLayerNorm(torch.nn.Module):
+    """LayerNorm over the last axis with affine gamma/beta."""
+
+    def __init__(self, gamma: torch.Tensor, beta: torch.Tensor, eps: float):
+        super().__init__()
+        self.register_buffer("gamma", gamma.detach().to(torch.float32).reshape(-1))
+        self.register_buffer("beta", beta.detach().to(torch.float32).reshape(-1))
+        self.eps = float(eps)
+
+    def forward(self, x):
+        return F.layer_norm(x, (x.shape[-1],), self.gamma, self.beta, self.eps)
+
+
+CANONICAL_TYPES = (FLinear, FConv2d, FMatMul, FScale, FAdd, FSoftmax, FGelu, FLayerNorm)

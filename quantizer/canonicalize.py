@@ -1,0 +1,491 @@
+"""Canonicalize a captured float graph into the few canonical operators of
+``quantizer.canonical``.
+
+Input: the fx GraphModule of ``intq.export.onnx_reader.read_onnx``, one
+``OnnxOp`` node per ONNX node and one ``get_attr`` per constant, annotated by
+``annotate`` (each node's ``meta["shape"]`` / ``meta["dtype"]`` from one run).
+
+Rules, applied in this order (each rewrites every match and reports a count):
+
+1. ``drop_identity``: Identity / Dropout → their input.
+2. ``fold_constants``: any node whose inputs are all constants is evaluated
+   once and becomes a constant (a pre-transposed weight, a Cast of a scalar).
+3. ``layer_norm``: ``LayerNormalization`` over the last axis, or the written-
+   out form ``ReduceMean → Sub → Pow 2 → ReduceMean → Add eps → Sqrt → Div``
+   (or ``Mul(Reciprocal(Sqrt))``) followed by an optional ``Mul gamma`` and
+   ``Add beta`` → ``FLayerNorm``.
+4. ``gelu``: ``Gelu``, or the erf formula ``0.5 * x * (1 + erf(x / sqrt 2))``
+   in any of its three association orders → ``FGelu``.
+5. ``linear``: ``MatMul(x, W const 2-D)`` with an optional following ``Add``
+   of a constant ``[N]`` bias, and ``Gemm`` → ``FLinear``.
+6. ``conv``: ``Conv`` with a constant weight (2-D) → ``FConv2d``.
+7. ``matmul``: ``MatMul`` of two activations → ``FMatMul``.
+8. ``scale``: ``Mul``/``Div`` of a float activation by a positive scalar
+   constant → ``FScale``.
+9. ``softmax``: ``Softmax`` over the last axis → ``FSoftmax``.
+10. ``add``: ``Add`` of two float tensors → ``FAdd``.
+
+A rule leaves the graph unchanged where its guard fails (a non-constant
+weight, a softmax over another axis); the converter then reports the node as
+unsupported, by name.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx as fx
+
+from intq.export.onnx_reader import OnnxOp
+from intq.quantizer.canonical import FAdd, FConv2d, FGelu, FLayerNorm, FLinear, FMatMul, FScale, FSoftmax
+
+# ---------------------------------------------------------------- graph helpers
+
+
+def onnx_op(gm: fx.GraphModule, node, op_type: str | tuple[str, ...] | None = None) -> OnnxOp | None:
+    """The OnnxOp behind ``node`` (optionally only if its type is ``op_type``)."""
+    if not isinstance(node, fx.Node) or node.op != "call_module":
+        return None
+    mod = gm.get_submodule(node.target)
+    if not isinstance(mod, OnnxOp):
+        return None
+    if op_type is not None:
+        types = (op_type,) if isinstance(op_type, str) else op_type
+        if mod.op_type not in types or mod.domain not in ("", "ai.onnx"):
+            return None
+    return mod
+
+
+def const_value(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        return _get_attr(gm, node.target)
+    return None
+
+
+def _get_attr(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def scalar_const(gm, node) -> float | None:
+    v = const_value(gm, node)
+    if v is None or v.numel() != 1:
+        return None
+    return float(v.reshape(()).item())
+
+
+def is_float(node) -> bool:
+    dt = node.meta.get("dtype") if isinstance(node, fx.Node) else None
+    return dt is not None and dt.is_floating_point
+
+
+def rank(node) -> int | None:
+    shape = node.meta.get("shape") if isinstance(node, fx.Node) else None
+    return None if shape is None else len(shape)
+
+
+def is_last_axis(axis, node) -> bool:
+    axis = int(axis)
+    r = rank(node)
+    return axis == -1 or (r is not None and axis == r - 1)
+
+
+def only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+class _Namer:
+    def __init__(self, gm):
+        self.gm = gm
+
+    def add(self, hint: str, module: torch.nn.Module) -> str:
+        base = "".join(c if c.isalnum() else "_" for c in hint).strip("_") or "node"
+        name, i = base, 0
+        while hasattr(self.gm, name):
+            i += 1
+            name = f"{base}_{i}"
+        self.gm.add_submodule(name, module)
+        return name
+
+
+def replace_with_module(gm, anchor: fx.Node, module, args, hint: str) -> fx.Node:
+    """Insert ``call_module(module)(*args)`` after ``anchor`` and route ``anchor``'s users to it."""
+    name = _Namer(gm).add(hint, module)
+    with gm.graph.inserting_after(anchor):
+        new = gm.graph.call_module(name, tuple(args))
+    new.meta = dict(anchor.meta)
+    anchor.replace_all_uses_with(new)
+    new.meta["source_nodes"] = anchor.meta.get("onnx_name", anchor.name)
+    return new
+
+
+def add_constant(gm, value: torch.Tensor, hint: str) -> str:
+    base = "".join(c if c.isalnum() else "_" for c in hint).strip("_") or "const"
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    gm.register_buffer(name, value)
+    return name
+
+
+def remove_dead(gm: fx.GraphModule) -> None:
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op in ("placeholder", "output") or node.users:
+            continue
+        gm.graph.erase_node(node)
+
+
+def annotate(gm: fx.GraphModule, example_inputs) -> None:
+    """Record each node's output shape and dtype from one run of the graph."""
+
+    class _Rec(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor):
+                n.meta["shape"] = tuple(out.shape)
+                n.meta["dtype"] = out.dtype
+            return out
+
+    with torch.no_grad():
+        _Rec(gm).run(*example_inputs)
+
+
+# ---------------------------------------------------------------- rules
+
+
+def drop_identity(gm) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        op = onnx_op(gm, node, ("Identity", "Dropout"))
+        if op is None:
+            continue
+        if op.op_type == "Dropout":
+            getters = [u for u in node.users if u.target is operator.getitem]
+            if any(u.args[1] != 0 for u in getters if u.users):
+                continue
+            for u in getters:
+                u.replace_all_uses_with(node.args[0])
+        node.replace_all_uses_with(node.args[0])
+        count += 1
+    remove_dead(gm)
+    return count
+
+
+def fold_constants(gm) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        op = onnx_op(gm, node)
+        if op is None or op.domain not in ("", "ai.onnx"):
+            continue
+        ins = [a for a in node.args if isinstance(a, fx.Node)]
+        if not ins or not all(a.op == "get_attr" for a in ins):
+            continue
+        args = [const_value(gm, a) if isinstance(a, fx.Node) else a for a in node.args]
+        with torch.no_grad():
+            value = op(*args)
+        if isinstance(value, tuple):
+            continue
+        name = add_constant(gm, value, f"folded_{node.name}")
+        with gm.graph.inserting_after(node):
+            new = gm.graph.get_attr(name)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        count += 1
+    remove_dead(gm)
+    return count
+
+
+def _reduce_axes(gm, node, op) -> list[int] | None:
+    if "axes" in op.attrs:
+        return [int(a) for a in op.attrs["axes"]]
+    if len(node.args) > 1 and node.args[1] is not None:
+        v = const_value(gm, node.args[1])
+        return None if v is None else [int(a) for a in v.reshape(-1).tolist()]
+    return None
+
+
+def _is_last_axis_mean(gm, node, of) -> bool:
+    op = onnx_op(gm, node, "ReduceMean")
+    if op is None or node.args[0] is not of:
+        return False
+    axes = _reduce_axes(gm, node, op)
+    return axes is not None and len(axes) == 1 and is_last_axis(axes[0], of) and op.attrs.get("keepdims", 1) == 1
+
+
+def layer_norm(gm) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        op = onnx_op(gm, node, "LayerNormalization")
+        if op is not None:
+            x = node.args[0]
+            gamma = const_value(gm, node.args[1])
+            beta = const_value(gm, node.args[2]) if len(node.args) > 2 and node.args[2] is not None else None
+            if gamma is None or not is_last_axis(op.attrs.get("axis", -1), x):
+                continue
+            beta = torch.zeros_like(gamma) if beta is None else beta
+            out = node
+            getters = [u for u in node.users if u.target is operator.getitem]
+            if getters:  # several outputs: only Y may be used
+                if any(u.args[1] != 0 for u in getters if u.users):
+                    continue
+                out = next((u for u in getters if u.args[1] == 0), None)
+                if out is None:
+                    continue
+            replace_with_module(gm, out, FLayerNorm(gamma, beta, op.attrs.get("epsilon", 1e-5)), (x,), out.name)
+            count += 1
+            continue
+        # written-out form, anchored at the normalizing Div (or Mul by Reciprocal)
+        match = _match_decomposed_ln(gm, node)
+        if match is None:
+            continue
+        x, eps, out, gamma, beta = match
+        c = x.meta["shape"][-1]
+        gamma = torch.ones(c) if gamma is None else gamma.reshape(-1).expand(c)
+        beta = torch.zeros(c) if beta is None else beta.reshape(-1).expand(c)
+        replace_with_module(gm, out, FLayerNorm(gamma.clone(), beta.clone(), eps), (x,), out.name)
+        count += 1
+    remove_dead(gm)
+    return count
+
+
+def _match_decomposed_ln(gm, node):
+    if onnx_op(gm, node, "Div") is not None:
+        d, denom = node.args[0], node.args[1]
+    elif onnx_op(gm, node, "Mul") is not None:
+        a, b = node.args
+        if onnx_op(gm, b, "Reciprocal") is not None:
+            d, denom = a, b.args[0]
+        elif onnx_op(gm, a, "Reciprocal") is not None:
+            d, denom = b, a.args[0]
+        else:
+            return None
+    else:
+        return None
+    if onnx_op(gm, denom, "Sqrt") is None or onnx_op(gm, d, "Sub") is None:
+        return None
+    x, mean = d.args
+    if not _is_last_axis_mean(gm, mean, x):
+        return None
+    add_eps = denom.args[0]
+    if onnx_op(gm, add_eps, "Add") is None:
+        return None
+    var, eps_node = add_eps.args
+    eps = scalar_const(gm, eps_node)
+    if eps is None:
+        var, eps = eps_node, scalar_const(gm, var)
+    if eps is None or onnx_op(gm, var, "ReduceMean") is None:
+        return None
+    pw = var.args[0]
+    if onnx_op(gm, pw, "Pow") is not None:
+        if pw.args[0] is not d or scalar_const(gm, pw.args[1]) != 2.0:
+            return None
+    elif onnx_op(gm, pw, "Mul") is not None:
+        if not (pw.args[0] is d and pw.args[1] is d):
+            return None
+    else:
+        return None
+    if not _is_last_axis_mean(gm, var, pw):
+        return None
+    out, gamma, beta = node, None, None
+    nxt = only_user(out)
+    if nxt is not None and onnx_op(gm, nxt, "Mul") is not None:
+        other = nxt.args[1] if nxt.args[0] is out else nxt.args[0]
+        g = const_value(gm, other)
+        if g is not None and g.numel() == x.meta["shape"][-1]:
+            out, gamma = nxt, g
+            nxt = only_user(out)
+    if nxt is not None and onnx_op(gm, nxt, "Add") is not None:
+        other = nxt.args[1] if nxt.args[0] is out else nxt.args[0]
+        bv = const_value(gm, other)
+        if bv is not None and bv.numel() == x.meta["shape"][-1]:
+            out, beta = nxt, bv
+    return x, eps, out, gamma, beta
+
+
+def _other(node, known):
+    a, b = node.args[0], node.args[1]
+    return b if a is known else a
+
+
+def gelu(gm) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        op = onnx_op(gm, node, "Gelu")
+        if op is not None:
+            replace_with_module(gm, node, FGelu(), (node.args[0],), node.name)
+            count += 1
+            continue
+        if onnx_op(gm, node, "Erf") is None:
+            continue
+        pre = node.args[0]
+        if onnx_op(gm, pre, "Div") is not None and _close(scalar_const(gm, pre.args[1]), math.sqrt(2.0)):
+            x = pre.args[0]
+        elif onnx_op(gm, pre, "Mul") is not None:
+            x = pre.args[0] if _close(scalar_const(gm, pre.args[1]), 1 / math.sqrt(2.0)) else None
+            if x is None and _close(scalar_const(gm, pre.args[0]), 1 / math.sqrt(2.0)):
+                x = pre.args[1]
+            if x is None:
+                continue
+        else:
+            continue
+        add1 = only_user(node)
+        if add1 is None or onnx_op(gm, add1, "Add") is None or not _close(scalar_const(gm, _other(add1, node)), 1.0):
+            continue
+        u = only_user(add1)
+        if u is None or onnx_op(gm, u, "Mul") is None:
+            continue
+        other = _other(u, add1)
+        out = None
+        if other is x:  # (x * (1+erf)) * 0.5
+            v = only_user(u)
+            if v is not None and onnx_op(gm, v, "Mul") is not None and _close(scalar_const(gm, _other(v, u)), 0.5):
+                out = v
+        elif onnx_op(gm, other, "Mul") is not None and x in other.args:  # (x*0.5) * (1+erf)
+            if _close(scalar_const(gm, _other(other, x)), 0.5):
+                out = u
+        elif _close(scalar_const(gm, other), 0.5):  # x * ((1+erf) * 0.5)
+            v = only_user(u)
+            if v is not None and onnx_op(gm, v, "Mul") is not None and _other(v, u) is x:
+                out = v
+        if out is None:
+            continue
+        replace_with_module(gm, out, FGelu(), (x,), out.name)
+        count += 1
+    remove_dead(gm)
+    return count
+
+
+def _close(value, target, tol=1e-3) -> bool:
+    return value is not None and abs(value - target) <= tol * abs(target)
+
+
+def linear(gm) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        mm = onnx_op(gm, node, ("MatMul", "Gemm"))
+        if mm is None:
+            continue
+        x, w = node.args[0], const_value(gm, node.args[1])
+        if w is None or w.dim() != 2 or not w.is_floating_point() or const_value(gm, x) is not None:
+            continue
+        bias, out = None, node
+        if mm.op_type == "Gemm":
+            if mm.attrs.get("transA", 0):
+                continue
+            w = (w if mm.attrs.get("transB", 0) else w.t()) * float(mm.attrs.get("alpha", 1.0))
+            if len(node.args) > 2 and node.args[2] is not None:
+                c = const_value(gm, node.args[2])
+                if c is None or c.numel() != w.shape[0]:
+                    continue
+                bias = c.reshape(-1) * float(mm.attrs.get("beta", 1.0))
+        else:
+            w = w.t()
+            nxt = only_user(node)
+            if nxt is not None and onnx_op(gm, nxt, "Add") is not None:
+                b = const_value(gm, _other(nxt, node))
+                if b is not None and b.numel() == w.shape[0] and b.shape[-1] == w.shape[0]:
+                    bias, out = b.reshape(-1), nxt
+        replace_with_module(gm, out, FLinear(w.contiguous(), bias), (x,), out.name)
+        count += 1
+    remove_dead(gm)
+    return count
+
+
+def conv(gm) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        op = onnx_op(gm, node, "Conv")
+        if op is None:
+            continue
+        w = const_value(gm, node.args[1])
+        b = const_value(gm, node.args[2]) if len(node.args) > 2 and node.args[2] is not None else None
+        if w is None or w.dim() != 4 or op.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            continue
+        pads = list(op.attrs.get("pads", [0, 0, 0, 0]))  # [top, left, bottom, right]
+        mod = FConv2d(
+            w, b, op.attrs.get("strides", [1, 1]), pads, op.attrs.get("dilations", [1, 1]), op.attrs.get("group", 1)
+        )
+        replace_with_module(gm, node, mod, (node.args[0],), node.name)
+        count += 1
+    remove_dead(gm)
+    return count
+
+
+def matmul(gm) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        if onnx_op(gm, node, "MatMul") is None:
+            continue
+        a, b = node.args
+        if not (is_float(a) and is_float(b)) or const_value(gm, a) is not None or const_value(gm, b) is not None:
+            continue
+        replace_with_module(gm, node, FMatMul(), (a, b), node.name)
+        count += 1
+    remove_dead(gm)
+    return count
+
+
+def scale(gm) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        op = onnx_op(gm, node, ("Mul", "Div"))
+        if op is None or not is_float(node):
+            continue
+        a, b = node.args
+        c, x = scalar_const(gm, b), a
+        if c is None and op.op_type == "Mul":
+            c, x = scalar_const(gm, a), b
+        if c is None or c <= 0 or const_value(gm, x) is not None:
+            continue
+        factor = c if op.op_type == "Mul" else 1.0 / c
+        replace_with_module(gm, node, FScale(factor), (x,), node.name)
+        count += 1
+    remove_dead(gm)
+    return count
+
+
+def softmax(gm) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        op = onnx_op(gm, node, "Softmax")
+        if op is None or not is_last_axis(op.attrs.get("axis", -1), node.args[0]):
+            continue
+        replace_with_module(gm, node, FSoftmax(), (node.args[0],), node.name)
+        count += 1
+    remove_dead(gm)
+    return count
+
+
+def add(gm) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        if onnx_op(gm, node, "Add") is None or not is_float(node):
+            continue
+        a, b = node.args
+        if const_value(gm, a) is not None and const_value(gm, b) is not None:
+            continue
+        replace_with_module(gm, node, FAdd(), (a, b), node.name)
+        count += 1
+    remove_dead(gm)
+    return count
+
+
+RULES = (drop_identity, fold_constants, layer_norm, gelu, linear, conv, matmul, scale, softmax, add)
+
+
+def canonicalize(gm: fx.GraphModule, example_inputs) -> dict[str, int]:
+    """Apply every rule in order; return how many times each applied."""
+    annotate(gm, example_inputs)
+    counts = {}
+    for rule in RULES:
+        counts[rule.__name__] = rule(gm)
+    gm.graph.lint()
+    gm.recompile()
+    annotate(gm, example_inputs)
+    return counts
