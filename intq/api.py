@@ -33,11 +33,27 @@ def quantize(model, calib_data, config: QuantConfig | None = None, progress: boo
     inputs = gm.meta["inputs"]
     batches = [_as_tuple(b, inputs) for b in raw]
     _check_finite(batches, inputs)
-    canonicalize(gm, batches[0])
-    observers = calibrate(gm, batches, progress=progress)
+    try:
+        canonicalize(gm, batches[0])
+        observers = calibrate(gm, batches, progress=progress)
+    except (IndexError, RuntimeError) as exc:
+        where = _onnx_node_note(exc)
+        if where is None:  # not the float model failing on the data: a bug, keep its traceback
+            raise
+        raise CalibrationError(
+            f"The float model fails on the calibration data {where} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}). Check that the arrays are valid inputs for it: "
+            "token ids below the vocabulary size, sequences no longer than its maximum length, the value "
+            "range it was trained on."
+        ) from exc
     int_gm, layers, out_meta = convert(gm, observers, config)
     outputs = [dict(o, **m) for o, m in zip(gm.meta["outputs"], out_meta, strict=False)]
     return QuantizedModel(int_gm, inputs, outputs, layers, config, batches[0], float_graph=gm)
+
+
+def _onnx_node_note(exc: BaseException) -> str | None:
+    """The reader's "while running ONNX node ..." note, present when a node of the float model raised."""
+    return next((n for n in getattr(exc, "__notes__", ()) if n.startswith("while running ONNX node")), None)
 
 
 def _as_tuple(batch, inputs) -> tuple:

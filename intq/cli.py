@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 
@@ -34,16 +35,31 @@ def build_parser() -> argparse.ArgumentParser:
         "'random' calibrates on random data, deliberately",
     )
     p.add_argument("-o", "--out", required=True, help="output folder (must not exist unless --force)")
-    p.add_argument("--calibration", default="minmax", choices=["minmax", "percentile", "mse"], help="range estimator")
-    p.add_argument("--batch-size", type=int, default=16, help="calibration batch size (16)")
-    p.add_argument("--max-samples", type=int, default=512, help="use at most this many calibration samples (512)")
+    p.add_argument("--calibration", default="percentile", choices=["minmax", "percentile", "mse"], help="range estimator (percentile)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="calibration batch size (16)")
+    p.add_argument(
+        "--max-samples", type=_positive_int, default=512, help="use at most this many calibration samples (512)"
+    )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # usage errors and --help: return the status, as for every other outcome
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:
         run(args)
     except CliError as e:
@@ -55,13 +71,21 @@ def main(argv=None) -> int:
     except FileExistsError as e:
         print(f"quantize: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # disk full, permission denied: the environment, not a bug; OUT was not written
+        print(
+            f"quantize: error: {e}. {args.out} was not written; check free disk space and permissions, then run "
+            "again.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     return 0
 
 
 def run(args) -> None:
     model_path = Path(args.model)
     if not model_path.is_file():
-        raise CliError(f"The model file {model_path} does not exist.")
+        what = "is a folder, not an .onnx file" if model_path.is_dir() else "does not exist"
+        raise CliError(f"The model file {model_path} {what}.")
     if args.bits != "8":
         raise CliError(f"--bits {args.bits} is not available yet; this version writes 8-bit models (--bits 8).")
     if args.calib is None:
@@ -94,6 +118,7 @@ def run(args) -> None:
     from intq.export.verify import verify_integer_only
 
     int_model = qmodel.to_onnx()
+    _declare_output_shapes(int_model, qmodel.outputs)
     onnx.checker.check_model(int_model, full_check=False)
     verify_integer_only(int_model)
     seconds = time.perf_counter() - t0
@@ -148,6 +173,26 @@ def _num(v):
         return None
     a = np.asarray(v, dtype=np.float64)
     return float(a) if a.size == 1 else a.tolist()
+
+
+def _declare_output_shapes(model, outputs) -> None:
+    """Give graph outputs the float model's shapes where the writer left them out.
+
+    ``onnx.checker`` requires a shape on every graph output (dims may be
+    symbolic or unknown); the writer declares only the element type. The
+    integer model computes the same outputs, so the float shapes hold.
+    """
+    for vi, info in zip(model.graph.output, outputs, strict=True):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape") or info.get("shape") is None:
+            continue
+        tt.shape.SetInParent()  # rank 0 is a shape too: an empty list must still declare it
+        for d in info["shape"]:
+            dim = tt.shape.dim.add()
+            if isinstance(d, int):
+                dim.dim_value = d
+            elif isinstance(d, str):
+                dim.dim_param = d
 
 
 def _input_entry(info, qmodel) -> dict:

@@ -36,7 +36,7 @@ class QuantConfig:
     """
 
     bits: int = 8
-    calibration: Calibration = Calibration.MINMAX
+    calibration: Calibration = Calibration.PERCENTILE
     percentile: float = 99.99
     residual_bits: int = 16
     per_channel_norm: bool = True
