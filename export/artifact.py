@@ -36,7 +36,12 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, trash / "old")
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(trash / "old", out)  # the previous OUT stays as it was
+                shutil.rmtree(trash, ignore_errors=True)
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out)

@@ -133,7 +133,9 @@ def write_onnx(
                 dtype = _output_dtype(gm, arg, integer_outputs)
                 out_name = output_names[i]
                 nodes.append(helper.make_node("Identity", [names[arg]], [out_name], name=f"output_{i}"))
-                graph_outputs.append(helper.make_tensor_value_info(out_name, dtype, None))
+                rank = len(arg.meta["shape"]) if arg.meta.get("shape") is not None else None
+                shape = None if rank is None else [f"{out_name}_d{k}" for k in range(rank)]
+                graph_outputs.append(helper.make_tensor_value_info(out_name, dtype, shape))
                 out_types.append(dtype)
         else:
             raise TypeError(f"cannot write fx node {node.name} ({node.op} {node.target}) to ONNX")

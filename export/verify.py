@@ -67,8 +67,7 @@ def float_ops_in_integer_region(model: onnx.ModelProto) -> list[tuple[str, str, 
             if t in FLOAT_TYPES or t is None or t == TensorProto.UNDEFINED:
                 kind = "unknown type" if t in (None, TensorProto.UNDEFINED) else TensorProto.DataType.Name(t)
                 violations.append((node.name or "(unnamed)", node.op_type, f"{out}: {kind}"))
-            else:
-                tainted.add(out)
+            tainted.add(out)  # keep following the value: every float op downstream is reported too
     return violations
 
 
