@@ -60,7 +60,8 @@ def test_i_sqrt_is_floor_sqrt():
     rng = random.Random(0)
     values = list(range(0, 1 << 14))
     values += [rng.randrange(1 << bits) for bits in range(1, 63) for _ in range(200)]
-    values += [k * k + d for k in (1, 2, 3, 1 << 15, (1 << 31) - 1, 3037000498) for d in (-1, 0, 1) if k * k + d >= 0]
+    roots = (1, 2, 3, 1 << 15, (1 << 30) + 1, (1 << 31) - 1)  # (2**31 - 1)**2 + 1 < 2**62, the domain's top
+    values += [k * k + d for k in roots for d in (-1, 0, 1)]
     got = ib.i_sqrt(torch.tensor(values, dtype=torch.int64)).tolist()
     assert got == [math.isqrt(v) for v in values]
 
