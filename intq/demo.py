@@ -38,7 +38,9 @@ def calibration_batches(tokenizer, sentences, batch_size=16) -> list[torch.Tenso
     return [torch.tensor([ids[i] for i in group]) for group in length_batches([len(x) for x in ids], batch_size)]
 
 
-def evaluate(limit: int | None = None, n_calib: int = 256, calibration: str = "percentile", progress: bool = True) -> dict:
+def evaluate(
+    limit: int | None = None, n_calib: int = 256, calibration: str = "percentile", progress: bool = True
+) -> dict:
     torch.manual_seed(0)
     model, tokenizer = load_minilm_l6()
     sentences, labels = load_sst2("dev")

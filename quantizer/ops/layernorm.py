@@ -71,7 +71,8 @@ The mean is rounded (half up), not floored: a floored mean shifts the whole
 row by up to one input LSB, and the bound above (derived for the floored
 mean, so it holds a fortiori) was attained with it; rounding halves that
 leading term (``benchmarks/int_ops_error.py``: int8 input with outlier
-channels, max error 2.25 -> 0.30).  Measured with the floored mean against F.layer_norm in float64 (int16 input unless noted; 6 400
+channels, max error 2.25 -> 0.30).  Measured with the floored mean against
+F.layer_norm in float64 (int16 input unless noted; 6 400
 rows per C and seed, 3 seeds, C = 192, 384, 768 (second line: 192, 768); ``S_out`` chosen so that ``|gamma * n +
 beta| / S_out`` fills the int8 range, so ``g`` is up to ~27; 5 % of channels
 with tiny gamma, 2 % with gamma = 0):

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 
 import intq
 from intq.export.verify import IntegerOnlyError, float_ops_in_integer_region, verify_integer_only
-from intq.models.vit import ViTConfig, VisionTransformer
+from intq.models.vit import VisionTransformer, ViTConfig
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 import intq
 from intq.config import QuantConfig
 from intq.export.verify import verify_integer_only
-from intq.models.vit import ViTConfig, VisionTransformer
+from intq.models.vit import VisionTransformer, ViTConfig
 
 
 def _session(model):
