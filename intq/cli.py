@@ -35,7 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         "'random' calibrates on random data, deliberately",
     )
     p.add_argument("-o", "--out", required=True, help="output folder (must not exist unless --force)")
-    p.add_argument("--calibration", default="percentile", choices=["minmax", "percentile", "mse"], help="range estimator (percentile)")
+    p.add_argument(
+        "--calibration",
+        default="percentile",
+        choices=["minmax", "percentile", "mse"],
+        help="range estimator (percentile)",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=16, help="calibration batch size (16)")
     p.add_argument(
         "--max-samples", type=_positive_int, default=512, help="use at most this many calibration samples (512)"
@@ -73,8 +78,7 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     except OSError as e:  # disk full, permission denied: the environment, not a bug; OUT was not written
         print(
-            f"quantize: error: {e}. {args.out} was not written; check free disk space and permissions, then run "
-            "again.",
+            f"quantize: error: {e}. {args.out} was not written; check free disk space and permissions, then run again.",
             file=sys.stderr,
         )
         return EXIT_FAILURE
@@ -176,19 +180,19 @@ def _num(v):
 
 
 def _declare_output_shapes(model, outputs) -> None:
-    """Give graph outputs the float model's shapes where the writer left them out.
+    """Declare the graph outputs with the float model's shapes (``[batch, 10]``, not the writer's ``y_d0, y_d1``).
 
-    ``onnx.checker`` requires a shape on every graph output (dims may be
-    symbolic or unknown); the writer declares only the element type. The
-    integer model computes the same outputs, so the float shapes hold.
+    ``onnx.checker`` requires a shape on every graph output; the integer model
+    computes the same outputs as the float one, so the float declaration holds.
     """
     for vi, info in zip(model.graph.output, outputs, strict=True):
-        tt = vi.type.tensor_type
-        if tt.HasField("shape") or info.get("shape") is None:
+        if info.get("shape") is None:
             continue
-        tt.shape.SetInParent()  # rank 0 is a shape too: an empty list must still declare it
+        shape = vi.type.tensor_type.shape
+        shape.Clear()
+        shape.SetInParent()  # rank 0 is a shape too: an empty list must still declare it
         for d in info["shape"]:
-            dim = tt.shape.dim.add()
+            dim = shape.dim.add()
             if isinstance(d, int):
                 dim.dim_value = d
             elif isinstance(d, str):

@@ -154,7 +154,8 @@ class Converter:
         return np.maximum(ob.channel_amax, floor) / Q8
 
     def source_name(self, node: fx.Node) -> str:
-        return str(node.meta.get("onnx_name", node.name))
+        """The ONNX node this value came from (its output's name when the node had none)."""
+        return str(node.meta.get("onnx_node") or node.meta.get("onnx_name") or node.name)
 
     def quantize_const(self, qv: QVal, scale: float, bits: int, hint: str) -> fx.Node:
         qmax = Q8 if bits == 8 else Q16
