@@ -84,8 +84,14 @@ def _tensor(value, info) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
     if info is None:
         return t
-    want = helper.tensor_dtype_to_np_dtype(info["elem_type"])
-    t = torch.as_tensor(np.asarray(t.numpy() if isinstance(t, torch.Tensor) else t).astype(want, copy=False))
+    want = np.dtype(helper.tensor_dtype_to_np_dtype(info["elem_type"]))
+    arr = np.asarray(t.numpy() if isinstance(t, torch.Tensor) else t)
+    if want.kind in "iu" and arr.dtype.kind == "f":
+        raise CalibrationError(
+            f"Calibration array for input {info['name']!r} holds floats ({arr.dtype}), but the model takes "
+            f"{want} (e.g. token ids). Pass integer arrays for integer inputs."
+        )
+    t = torch.as_tensor(arr.astype(want, copy=False))
     shape = info.get("shape")
     if shape is not None:
         if len(shape) != t.dim() or any(isinstance(d, int) and d != s for d, s in zip(shape, t.shape, strict=False)):

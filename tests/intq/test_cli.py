@@ -456,3 +456,16 @@ def test_failure_of_the_final_rename_keeps_the_previous_out(mlp_onnx, mlp_calib,
     assert main([str(mlp_onnx), "--calib", str(mlp_calib), "-o", str(out), "--quiet", "--force"]) != 0
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert not _leftovers(out)
+
+
+def test_float_arrays_for_integer_inputs_are_refused():
+    """Token ids given as floats would be truncated silently; the API refuses them."""
+    from onnx import TensorProto
+
+    from intq.api import _tensor
+    from intq.quantizer.calibrate import CalibrationError
+
+    info = {"name": "input_ids", "elem_type": TensorProto.INT64, "shape": ["batch", "seq"]}
+    with pytest.raises(CalibrationError, match="input_ids.*holds floats"):
+        _tensor(np.full((2, 3), 0.7, dtype=np.float32), info)
+    assert _tensor(np.ones((2, 3), dtype=np.int32), info).dtype == torch.int64
