@@ -12,6 +12,7 @@ SUBPACKAGES = {
     "intq.quantizer": "quantizer",
     "intq.quantizer.ops": "quantizer/ops",
     "intq.passes": "passes",
+    "intq.passes.ops": "passes/ops",
     "intq.ilp": "ilp",
     "intq.export": "export",
     "intq.models": "models",

@@ -1,0 +1,145 @@
+"""The version-sensitive TVM names that ``passes/`` uses, in one place.
+
+Written against apache-tvm 0.27, which renamed much of the older API:
+
+- ``tvm.tir`` is ``tvm.tirx`` (expressions, ``PrimFunc``, ``shift_right``);
+  schedule-level TIR moved to ``tvm.s_tir``;
+- Relax struct info is a *type*: ``expr.ty`` and ``relax.TensorType`` where
+  older code says ``expr.struct_info`` and ``relax.TensorStructInfo``;
+- a target is built from a JSON-like dict, ``{"kind": "llvm", "mcpu": ...}``,
+  not from ``"llvm -mcpu=..."``;
+- a Relax constant is a ``tvm.ir.GenericConst`` (``tvm.ir.Constant``; no
+  ``relax.Constant``) whose value is ``.value``, not ``.data``; and
+  ``relax.const(numpy_int64_array)`` narrows to int32 unless given a dtype
+  (pass a ``tvm.runtime.tensor`` or the dtype);
+- a ``relax.Var``'s name is ``.name`` (``GlobalVar`` keeps ``.name_hint``),
+  and a TIR expression's dtype is ``expr.ty.dtype`` (no ``.dtype``);
+- ``tvm.compile`` is the one build entry point (it routes a module holding
+  Relax functions to ``relax.build``); ``relax.VirtualMachine`` runs it.
+
+The ONNX frontend (``tvm.relax.frontend.onnx``) dispatches every node by its
+``op_type`` alone (the domain is ignored) through the module-level function
+``_get_convert_map()``, looked up at call time by both the unsupported-op
+check and the converter call.  ``extended_convert_map`` swaps that function
+for one that also returns our converters, for the duration of an import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import tvm
+from tvm import relax, s_tir, te, tirx
+from tvm.relax.frontend.onnx import from_onnx
+from tvm.relax.frontend.onnx import onnx_frontend as _onnx_frontend
+
+__all__ = [
+    "OnnxOpConverter",
+    "TensorType",
+    "build",
+    "constant_value",
+    "extended_convert_map",
+    "from_onnx",
+    "frontend_convert_map",
+    "host_target",
+    "make_target",
+    "relax",
+    "s_tir",
+    "te",
+    "tensor_type",
+    "tirx",
+    "vm_device",
+    "VirtualMachine",
+]
+
+TVM_VERSION: str = tvm.__version__
+
+#: Base class of the ONNX frontend's converters: a subclass defines classmethods
+#: ``_impl_v<opset>(bb, inputs, attr, params)``; ``get_converter(opset)`` picks one.
+OnnxOpConverter = _onnx_frontend.OnnxOpConverter
+
+TensorType = relax.TensorType
+VirtualMachine = relax.VirtualMachine
+
+_convert_map_lock = threading.RLock()
+
+
+def constant_value(expr: relax.Expr) -> np.ndarray | None:
+    """The numpy value of a Relax constant (e.g. an ONNX initializer), else None."""
+    return expr.value.numpy() if isinstance(expr, tvm.ir.Constant) else None
+
+
+def tensor_type(expr: relax.Expr) -> relax.TensorType:
+    """The Relax tensor type (0.27's ``.ty``, older ``.struct_info``) of ``expr``."""
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType):
+        raise TypeError(f"expected a tensor-typed Relax expression, got {type(ty).__name__}: {expr}")
+    return ty
+
+
+def make_target(target: str | Mapping | tvm.target.Target | None = None) -> tvm.target.Target:
+    """A ``Target`` from a kind name (``"llvm"``), a JSON dict, or a ``Target``.
+
+    ``None`` and ``"llvm"`` mean the host CPU (see ``host_target``).
+    """
+    if target is None or target == "llvm":
+        return host_target()
+    if isinstance(target, tvm.target.Target):
+        return target
+    if isinstance(target, Mapping):
+        return tvm.target.Target(dict(target))
+    return tvm.target.Target(target)
+
+
+def host_target() -> tvm.target.Target:
+    """The LLVM target of the machine we run on (``mcpu`` = the host CPU, e.g. ``znver4``)."""
+    cpu = tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName")()
+    return tvm.target.Target({"kind": "llvm", "mcpu": cpu})
+
+
+def build(mod: tvm.IRModule, target: tvm.target.Target):
+    """Compile a Relax module with the default pipeline (``relax.build`` under the hood)."""
+    return tvm.compile(mod, target=target)
+
+
+def vm_device(target: tvm.target.Target) -> tvm.runtime.Device:
+    """The runtime device a compiled module for ``target`` runs on."""
+    kind = target.kind.name
+    if kind in ("llvm", "c"):
+        return tvm.cpu(0)
+    return tvm.device(kind, 0)
+
+
+def frontend_convert_map() -> dict[str, type]:
+    """The ONNX frontend's own ``{op_type: converter}`` table (default domain)."""
+    return dict(_onnx_frontend._get_convert_map())
+
+
+@contextlib.contextmanager
+def extended_convert_map(extra: Mapping[str, type]) -> Iterator[None]:
+    """Within the block, the ONNX frontend also converts the op types in ``extra``.
+
+    ``extra`` maps an ``op_type`` string to an ``OnnxOpConverter`` subclass.
+    The frontend module's ``_get_convert_map`` is replaced (and restored on
+    exit) under a lock, so concurrent imports in one process do not see each
+    other's half-installed maps.
+    """
+    with _convert_map_lock:
+        original = _onnx_frontend._get_convert_map
+        clash = set(extra) & set(original())
+        if clash:
+            raise ValueError(f"converters would shadow the ONNX frontend's own op types: {sorted(clash)}")
+
+        def _get_convert_map():
+            table = original()
+            table.update(extra)
+            return table
+
+        _onnx_frontend._get_convert_map = _get_convert_map
+        try:
+            yield
+        finally:
+            _onnx_frontend._get_convert_map = original

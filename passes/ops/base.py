@@ -1,0 +1,122 @@
+"""The contract every ``intq`` op lowering follows.
+
+One ONNX node of the ``intq`` domain becomes one ``call_tir`` of one fused
+TIR PrimFunc, built with ``te.compute`` through ``BlockBuilder.call_te``.
+The PrimFunc computes exactly the integer formula of the op's docstring in
+``quantizer/ops/<same file name>.py``: same intermediate widths, same
+rounding, same clamps; that file's ONNX function (run by onnxruntime) is the
+reference the TVM result must equal bit for bit.
+
+A converter subclasses ``IntqConverter`` and declares:
+
+- ``op_type``: the ``intq`` function name it converts;
+- ``inputs``: the names of the node's inputs, in order (data inputs first,
+  then the constant params, exactly as the ONNX function declares them);
+- ``convert(bb, node, args)``: returns the Relax expression of the output,
+  ``args`` mapping each input name to its Relax expression.
+
+Why ``te.compute`` rather than hand-written TVMScript PrimFuncs: the ops
+take tensors of any rank whose leading dims are symbolic (batch, sequence);
+``call_te`` creates the PrimFunc's shape variables from the caller's types,
+so one Python function serves every rank and every dynamic dim, and the
+multi-stage compute (reduction, then requantize) lands in a single
+PrimFunc.  The blocks are plain ``T.sblock``s that later schedules can
+transform.
+
+Constant params: a param that is an ONNX initializer of a single element
+(per-tensor ``m``, ``s``) is baked into the kernel as an immediate, so LLVM
+sees a constant multiplier and shift; larger ones (per-channel) stay buffer
+arguments of the PrimFunc.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from intq.passes.compat import OnnxOpConverter, constant_value, relax, te, tensor_type, tirx
+
+INTQ_DOMAIN = "intq"  # the ONNX domain of our functions (quantizer.ops.base.INTQ_DOMAIN; no torch here)
+
+#: A param as a kernel sees it: a TE tensor (buffer argument) or a Python int (immediate).
+Operand = te.Tensor | int
+
+
+class IntqLoweringError(ValueError):
+    """An ``intq`` node that the TVM lowering cannot convert; the message names the node."""
+
+
+class IntqConverter(OnnxOpConverter):
+    """Base of the ``intq`` converters, in the ONNX frontend's converter protocol."""
+
+    op_type: ClassVar[str]
+    inputs: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    def _impl_v1(cls, bb: relax.BlockBuilder, inputs, attr: dict, params) -> relax.Expr:
+        # The frontend picks the largest _impl_v<k> with k <= the *default* domain's
+        # opset; v1 is the only one, so every model opset reaches it.
+        node = attr.get("tvm_custom", {}).get("name") or cls.op_type
+        if len(inputs) != len(cls.inputs) or any(x is None for x in inputs):
+            raise IntqLoweringError(
+                f"{INTQ_DOMAIN}.{cls.op_type} node {node!r}: expected inputs {list(cls.inputs)}, got {len(inputs)}"
+            )
+        args = dict(zip(cls.inputs, inputs, strict=True))
+        for name, expr in args.items():
+            ty = tensor_type(expr)
+            if ty.ndim < 0 or not isinstance(ty.shape, relax.ShapeExpr):
+                raise IntqLoweringError(
+                    f"{INTQ_DOMAIN}.{cls.op_type} node {node!r}: input {name!r} has unknown rank; "
+                    "give the ONNX graph input a shape (dims may be symbolic)"
+                )
+        return cls.convert(bb, node, args)
+
+    @classmethod
+    def convert(cls, bb: relax.BlockBuilder, node: str, args: dict[str, relax.Expr]) -> relax.Expr:
+        raise NotImplementedError
+
+    @classmethod
+    def fail(cls, node: str, message: str) -> IntqLoweringError:
+        return IntqLoweringError(f"{INTQ_DOMAIN}.{cls.op_type} node {node!r}: {message}")
+
+
+def dtype_of(expr: relax.Expr) -> str:
+    return str(tensor_type(expr).dtype)
+
+
+def static_shape(expr: relax.Expr) -> list[int | None]:
+    """The dims of a tensor expression: ints where static, None where symbolic."""
+    return [int(d) if isinstance(d, tirx.IntImm) else None for d in tensor_type(expr).shape.values]
+
+
+def param_operand(expr: relax.Expr) -> relax.Expr | int:
+    """A single-element constant as a Python int (baked in), anything else unchanged (a buffer)."""
+    value = constant_value(expr)
+    if value is not None and value.size == 1 and np.issubdtype(value.dtype, np.integer):
+        return int(value.reshape(()))
+    return expr
+
+
+def check_trailing_broadcast(cls, node: str, name: str, param: relax.Expr, out_shape: list[int | None]) -> None:
+    """Refuse a param that does not broadcast (numpy rules) onto the output shape without growing it."""
+    shape = static_shape(param)
+    if len(shape) > len(out_shape):
+        raise cls.fail(node, f"param {name!r} of shape {shape} has a higher rank than the output {out_shape}")
+    for p, o in zip(reversed(shape), reversed(out_shape), strict=False):
+        if p is None or (p != 1 and p != o):
+            raise cls.fail(
+                node,
+                f"param {name!r} of shape {shape} does not broadcast onto the output shape {out_shape} "
+                "(a dim must be 1 or equal a static output dim)",
+            )
+
+
+def read_param(param: Operand, index: tuple, dtype: str = "int64") -> tirx.PrimExpr:
+    """``param`` at the output ``index`` under numpy broadcasting (trailing dims aligned)."""
+    if isinstance(param, int):
+        return tirx.const(param, dtype)
+    shape = [int(d) for d in param.shape]
+    tail = index[len(index) - len(shape) :] if shape else ()
+    sub = tuple(0 if d == 1 else i for d, i in zip(shape, tail, strict=True))
+    return param[sub].astype(dtype)
