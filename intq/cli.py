@@ -17,6 +17,10 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 
+class BuildMismatchError(Exception):
+    """The compiled artifact disagrees with onnxruntime: an intq bug; nothing is written."""
+
+
 class CliError(Exception):
     """A user-facing failure: printed as one paragraph, exit status 2."""
 
@@ -44,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=16, help="calibration batch size (16)")
     p.add_argument(
         "--max-samples", type=_positive_int, default=512, help="use at most this many calibration samples (512)"
+    )
+    p.add_argument(
+        "--target",
+        default="x86",
+        help="compile the integer model with TVM for this target: x86 (the host CPU, default), a TVM target JSON "
+        "dict, or 'none' to write only the ONNX model",
     )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -76,6 +86,9 @@ def main(argv=None) -> int:
     except FileExistsError as e:
         print(f"quantize: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BuildMismatchError as e:
+        print(f"quantize: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
     except OSError as e:  # disk full, permission denied: the environment, not a bug; OUT was not written
         print(
             f"quantize: error: {e}. {args.out} was not written; check free disk space and permissions, then run again.",
@@ -127,6 +140,10 @@ def run(args) -> None:
     verify_integer_only(int_model)
     seconds = time.perf_counter() - t0
 
+    compiled = None
+    if args.target != "none":
+        compiled = _compile_and_check(int_model, args.target, batches, inputs, quiet=args.quiet)
+
     fidelity = _fidelity(model_path, int_model, batches, qmodel)
     layers = layer_errors(qmodel.float_graph, qmodel, _torch_batch(batches[0], inputs))
     with atomic_dir(out, overwrite=args.force) as tmp:
@@ -156,12 +173,46 @@ def run(args) -> None:
             "target": None,
             "versions": versions(),
         }
-        manifest["files"] = file_hashes(tmp, ["model.int.onnx", "report.json", "report.md"])
+        files = ["model.int.onnx", "report.json", "report.md"]
+        if compiled is not None:
+            library = f"model.{compiled.name}.so"
+            compiled.executable.export_library(str(tmp / library))
+            manifest["target"] = {"name": compiled.name, "tvm_target": compiled.target_json, "library": library}
+            files.append(library)
+        manifest["files"] = file_hashes(tmp, files)
         write_json(tmp / "manifest.json", manifest)
     if not args.quiet:
         cos = ", ".join(f"{o['name']}: cosine {o['cosine']:.4f}" for o in fidelity)
         print(f"wrote {out}/model.int.onnx ({len(qmodel.layers)} integer layers; {cos})")
     del np
+
+
+def _compile_and_check(int_model, target: str, batches, inputs, quiet: bool):
+    """Compile with TVM and check the result equals onnxruntime bit for bit on a calibration batch."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from intq.passes.pipeline import compile_onnx
+
+    if not quiet:
+        print(f"quantize: compiling for {target} with TVM ...", file=sys.stderr)
+    compiled = compile_onnx(int_model, target)
+    from intq.passes import compat
+
+    vm = compat.VirtualMachine(compiled.executable, compat.tvm.cpu(0))
+    feeds = {i["name"]: np.ascontiguousarray(batches[0][i["name"]]).astype(_np_dtype(i["elem_type"])) for i in inputs}
+    got = vm["main"](*[compat.tvm.runtime.tensor(feeds[n]) for n in compiled.input_names])
+    got = [got.numpy()] if hasattr(got, "numpy") else [g.numpy() for g in got]
+    sess = ort.InferenceSession(int_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = sess.run(None, feeds)
+    for name, g, w in zip([o.name for o in sess.get_outputs()], got, want, strict=True):
+        if not np.array_equal(g, w):
+            raise BuildMismatchError(
+                f"the TVM build for {target} disagrees with onnxruntime on output {name!r} "
+                f"(max difference {np.abs(g.astype(np.float64) - w).max():.3g}); this is an intq bug — nothing was "
+                "written. Re-run with --target none to get the ONNX model alone, and report the model."
+            )
+    return compiled
 
 
 def json_config(config) -> dict:
