@@ -54,7 +54,9 @@ def run(runnable: Runnable, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]
         raise ValueError(
             f"run: inputs must be exactly {list(runnable.input_names)}; missing {absent}, unexpected {sorted(unknown)}"
         )
-    args = [compat.tvm.runtime.tensor(np.require(feeds[n], requirements="C"), runnable.device) for n in runnable.input_names]
+    args = [
+        compat.tvm.runtime.tensor(np.require(feeds[n], requirements="C"), runnable.device) for n in runnable.input_names
+    ]
     return _to_numpy(runnable.vm["main"](*args))
 
 

@@ -14,6 +14,8 @@ Written against apache-tvm 0.27, which renamed much of the older API:
   (pass a ``tvm.runtime.tensor`` or the dtype);
 - a ``relax.Var``'s name is ``.name`` (``GlobalVar`` keeps ``.name_hint``),
   and a TIR expression's dtype is ``expr.ty.dtype`` (no ``.dtype``);
+- the arithmetic analyzer (``can_prove_equal``, ``simplify``) is
+  ``tvm.sym.Analyzer``, formerly ``tvm.arith.Analyzer``;
 - ``tvm.compile`` is the one build entry point (it routes a module holding
   Relax functions to ``relax.build``); ``relax.VirtualMachine`` runs it.
 
@@ -37,6 +39,7 @@ from tvm.relax.frontend.onnx import from_onnx
 from tvm.relax.frontend.onnx import onnx_frontend as _onnx_frontend
 
 __all__ = [
+    "Analyzer",
     "OnnxOpConverter",
     "TensorType",
     "build",
@@ -62,6 +65,7 @@ TVM_VERSION: str = tvm.__version__
 OnnxOpConverter = _onnx_frontend.OnnxOpConverter
 
 TensorType = relax.TensorType
+Analyzer = tvm.sym.Analyzer
 VirtualMachine = relax.VirtualMachine
 
 _convert_map_lock = threading.RLock()

@@ -18,7 +18,12 @@ the model in which
 3. every unnamed ``intq`` node is named after its first output, so that
    errors name it,
 
-and import it while ``compat.extended_convert_map`` serves those keys.  A node
+and import it while ``compat.extended_convert_map`` serves those keys.  An op
+family whose instances carry their configuration in the op type
+(``IntConv2d_s2x2_p0x0x1x1_d1x1_g1``, see ``quantizer/ops/conv.py``) is
+registered once under its family name with ``configured_by_name = True``;
+``converter_for`` routes every ``<family>_<config>`` op type to a subclass of
+it whose ``op_type`` is the node's, which the converter parses.  A node
 of any other non-default domain, an ``intq`` op without a converter, or a
 standard op the frontend lacks is refused before import, all of them named
 in one error.
@@ -48,6 +53,17 @@ def converter_key(op_type: str) -> str:
     return f"{INTQ_DOMAIN}::{op_type}"
 
 
+def converter_for(op_type: str, converters: Mapping[str, type[IntqConverter]]) -> type[IntqConverter] | None:
+    """The converter of an ``intq`` op type: its own entry, else its family's bound to it, else None."""
+    if op_type in converters:
+        return converters[op_type]
+    family, sep, _ = op_type.partition("_")
+    cls = converters.get(family)
+    if not sep or cls is None or not getattr(cls, "configured_by_name", False):
+        return None
+    return type(cls.__name__, (cls,), {"op_type": op_type, "__module__": cls.__module__})
+
+
 def unsupported_nodes(
     model: onnx.ModelProto, converters: Mapping[str, type[IntqConverter]] = CONVERTERS
 ) -> dict[str, list[str]]:
@@ -57,7 +73,7 @@ def unsupported_nodes(
     for node in model.graph.node:
         domain = node.domain or ""
         if domain == INTQ_DOMAIN:
-            ok = node.op_type in converters
+            ok = converter_for(node.op_type, converters) is not None
         elif domain in DEFAULT_DOMAINS:
             ok = node.op_type in standard
         else:
@@ -93,7 +109,8 @@ def import_onnx(
             node.name = node.name or node.output[0]
             node.op_type = converter_key(node.op_type)
 
-    extra = {converter_key(op): cls for op, cls in converters.items()}
+    intq_types = {node.op_type for node in model.graph.node if node.domain == INTQ_DOMAIN}
+    extra = {converter_key(op): converter_for(op, converters) for op in intq_types}
     with compat.extended_convert_map(extra):
         mod = compat.from_onnx(prepared)
     # The frontend sanitizes parameter names ("input.1" -> "input_1"); keep the ONNX ones for feeding.
