@@ -12,17 +12,16 @@ non-negative and ``x >= 1``, so the division is emitted as ``truncdiv`` (one
 the ONNX function's unsigned shift.
 
 Why 24 ``te.compute`` stages and not one stage with an unrolled expression:
-a step reads ``x`` three times, so an unrolled expression is a tree of
-``3**24`` nodes, and binding each step to a ``tirx.Let`` does not help with
-TVM 0.27's default TIR pipeline: several of its passes (e.g.
-``CompactBufferAllocation``, ``FlattenBuffer``, ``LowerIntrin``) bind let
-values in an ``arith.Analyzer`` that substitutes them, and compile time
-grows about 3x per step (measured: 8 steps 0.18 s, 10 steps 1.7 s, 24 steps
-out of reach).  One stage per step keeps every expression small; each stage
-is an elementwise loop over ``v``'s elements (one per LayerNorm row, so the
-24 loops are cheap next to the row reductions) and compiles in
-milliseconds.  The stages land in the caller's PrimFunc with the rest of the
-op.
+a step reads ``x`` three times, so a plainly unrolled expression is a tree
+of ``3**24`` nodes.  Binding each step to a ``tirx.Let`` keeps the tree
+linear, but TVM 0.27's default TIR pipeline still expands it: the time of
+``CompactBufferAllocation``, ``FlattenBuffer``, ``LowerIntrin`` and a few
+other passes grows about 3x per step (measured: 8 steps 0.18 s, 10 steps
+1.7 s; 24 steps out of reach).  One stage per step keeps every
+expression small, and the whole ILayerNorm PrimFunc compiles in about 0.4 s.
+Each stage is an elementwise loop over ``v`` (one element per LayerNorm row),
+so the 24 loops cost little next to the two row reductions over ``C``.  The
+stages land in the caller's PrimFunc with the rest of the op.
 """
 
 from __future__ import annotations
@@ -43,5 +42,10 @@ def isqrt_te(v: te.Tensor, name: str = "isqrt") -> te.Tensor:
     """``floor(sqrt(v))`` (``1`` where ``v == 0``) elementwise, for an int64 tensor ``0 <= v < 2**48``."""
     x = te.compute(v.shape, lambda *i: newton_step(tirx.const(ISQRT_START, "int64"), v[i]), name=f"{name}_1")
     for step in range(2, ISQRT_ITERATIONS + 1):
-        x = te.compute(v.shape, lambda *i, prev=x: newton_step(prev[i], v[i]), name=f"{name}_{step}")
+        x = _next_stage(x, v, f"{name}_{step}")
     return x
+
+
+def _next_stage(x: te.Tensor, v: te.Tensor, name: str) -> te.Tensor:
+    # A function, not a lambda in the loop: te.compute refuses default arguments that would pin ``x``.
+    return te.compute(v.shape, lambda *i: newton_step(x[i], v[i]), name=name)
