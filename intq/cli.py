@@ -114,6 +114,11 @@ def run(args) -> None:
     if out.exists() and not args.force:
         raise CliError(f"The output folder {out} already exists; choose another -o or pass --force to replace it.")
 
+    if args.target != "none":
+        from intq.passes.pipeline import resolve_target
+
+        resolve_target(args.target)  # an unknown target is refused before any work
+
     import numpy as np
     import onnx
 

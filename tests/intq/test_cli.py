@@ -40,7 +40,7 @@ from intq.models.bert import BertConfig, BertEncoder
 from intq.models.vit import VisionTransformer, ViTConfig
 from intq.quantizer.capture import export_torch
 
-ARTIFACT_FILES = {"model.int.onnx", "manifest.json", "report.json", "report.md"}
+ARTIFACT_FILES = {"model.int.onnx", "model.x86.so", "manifest.json", "report.json", "report.md"}
 VOCAB = 100
 
 
@@ -229,6 +229,37 @@ def test_vit_int_model_runs_at_another_batch_size_and_tracks_float(vit_out, vit_
     (row,) = json.loads((vit_out / "report.json").read_text())["outputs"]
     assert 0.9 < row["cosine"] <= 1.0 + 1e-9, row
     assert row["max_abs_error"] >= row["mean_abs_error"] >= 0.0
+
+
+def test_vit_compiled_library_loads_and_equals_onnxruntime(vit_out):
+    """--target x86 (the default): intq.load runs the TVM library on float inputs, bit-exact with onnxruntime."""
+    manifest = json.loads((vit_out / "manifest.json").read_text())
+    assert manifest["target"]["name"] == "x86" and manifest["target"]["library"] == "model.x86.so"
+    assert manifest["target"]["tvm_target"]["kind"] == "llvm"
+    model = intq.load(vit_out)
+    for batch, seed in ((1, 30), (5, 31)):
+        images = _images(batch, seed=seed)
+        (want,) = _session(vit_out / "model.int.onnx").run(None, {"images": images})
+        got = model(images)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(model(images=images), want)
+
+
+def test_load_refuses_a_folder_without_a_library(vit_onnx, vit_calib, models_dir, capsys):
+    out = models_dir / "vit_onnx_only"
+    argv = [vit_onnx, "--calib", models_dir / "vit_calib.npz", "--target", "none", "-o", out, "--quiet"]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    assert "model.x86.so" not in {p.name for p in out.iterdir()}
+    with pytest.raises(ValueError, match="no compiled library.*--target x86"):
+        intq.load(out)
+    with pytest.raises(ValueError, match="no manifest.json"):
+        intq.load(models_dir)
+
+
+def test_unknown_target_is_refused(vit_onnx, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [vit_onnx, "--calib", "random", "--target", "mips", "-o", out]
+    refused(capsys, out, [str(a) for a in argv], "unknown target 'mips'", "x86")
 
 
 def test_bert_through_the_console_entry(bert_onnx, models_dir):

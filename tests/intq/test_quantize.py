@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
-import pytest
 import torch
 
-import intq
-from intq.config import QuantConfig
 from intq.export.verify import verify_integer_only
-from intq.models.vit import VisionTransformer, ViTConfig
 
 
 def _session(model):
@@ -38,15 +34,6 @@ def assert_bit_exact(qmodel, inputs: tuple[torch.Tensor, ...]):
     floats_torch = floats_torch if isinstance(floats_torch, tuple) else (floats_torch,)
     for t, o in zip(floats_torch, float_sess.run(None, feeds), strict=True):
         np.testing.assert_array_equal(o, t.numpy())
-
-
-@pytest.fixture(scope="module")
-def deit_tiny():
-    torch.manual_seed(0)
-    model = VisionTransformer(ViTConfig.deit_tiny(num_classes=10)).eval()
-    gen = torch.Generator().manual_seed(1)
-    calib = [torch.randn(2, 3, 224, 224, generator=gen) for _ in range(2)]
-    return model, intq.quantize(model, calib, progress=False)
 
 
 def test_deit_tiny_is_bit_exact_and_integer_only(deit_tiny):
@@ -77,17 +64,6 @@ def test_deit_tiny_tracks_float(deit_tiny):
     got = qmodel(x)
     cos = torch.nn.functional.cosine_similarity(ref.flatten(), got.flatten(), dim=0).item()
     assert cos > 0.95, f"logit cosine {cos:.4f}"
-
-
-@pytest.fixture(scope="module")
-def minilm_int8(minilm):
-    from intq.models.minilm import length_batches
-    from intq.models.sst2 import load_calibration_sentences
-
-    model, tokenizer = minilm
-    ids = [e.ids for e in tokenizer.encode_batch(load_calibration_sentences(48))]
-    calib = [torch.tensor([ids[i] for i in g]) for g in length_batches([len(x) for x in ids], 8)]
-    return model, tokenizer, intq.quantize(model, calib, QuantConfig(calibration="percentile"), progress=False)
 
 
 def test_minilm_is_bit_exact_at_several_shapes(minilm_int8):
