@@ -1,8 +1,10 @@
 """Target pipelines: integer-only ONNX -> Relax -> verified -> compiled.
 
-    import_onnx          intq nodes -> one fused TIR kernel each (passes/ops)
-    verify_integer_only  no float between quantizer and dequantizer (passes/verify.py)
-    tvm.compile          TVM's default Relax pipeline for the target
+    import_onnx             intq nodes -> one fused TIR kernel each (passes/ops)
+    verify_integer_only     no float between quantizer and dequantizer (passes/verify.py)
+    FuseRequantizeEpilogue  IntLinearAcc / IntMatMulAcc + its Requantize -> one kernel
+    FuseResidualEpilogue    IntLinear16 + the IntAdd that is its only use -> one kernel
+    tvm.compile             TVM's default Relax pipeline for the target (on CPU it fuses no kernels)
 
 Targets are named (``x86``: the host CPU through LLVM, ``mcpu`` = the host's
 CPU name) or given as a TVM target JSON dict, e.g. ``{"kind": "llvm",
@@ -18,6 +20,8 @@ from collections.abc import Mapping
 import onnx
 
 from intq.passes import compat
+from intq.passes.fuse_requantize_epilogue import FuseRequantizeEpilogue
+from intq.passes.fuse_residual_epilogue import FuseResidualEpilogue
 from intq.passes.onnx_import import import_onnx
 from intq.passes.verify import verify_integer_only
 
@@ -56,6 +60,7 @@ def compile_onnx(model: onnx.ModelProto, target: str | Mapping | None = None) ->
     name, tgt = resolve_target(target)
     mod = import_onnx(model)
     verify_integer_only(mod)
+    mod = FuseResidualEpilogue()(FuseRequantizeEpilogue()(mod))
     executable = compat.build(mod, tgt)
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in initializers]

@@ -32,6 +32,7 @@ from intq.passes.ops.base import (
     Operand,
     check_trailing_broadcast,
     dtype_of,
+    kernel_attrs,
     param_operand,
     read_param,
 )
@@ -80,14 +81,19 @@ def broadcast_index(shape: Sequence[tirx.PrimExpr], out_shape: Sequence[tirx.Pri
     return tuple(read)
 
 
+def add_values(wide_a: tirx.PrimExpr, wide_b: tirx.PrimExpr, m_a: Operand, m_b: Operand, s: Operand, index: tuple):
+    """The int16 sum at output ``index`` of the operand values ``wide_a``, ``wide_b`` (already int64)."""
+    total = wide_a * read_param(m_a, index) + wide_b * read_param(m_b, index)
+    return dyadic.requantize(total, tirx.const(1, "int64"), read_param(s, index), QMIN, QMAX, "int16")
+
+
 def add_te(a: te.Tensor, b: te.Tensor, m_a: Operand, m_b: Operand, s: Operand) -> te.Tensor:
     shape = broadcast_shape(a.shape, b.shape)
 
     def body(*i):
         wide_a = a[broadcast_index(a.shape, shape, i)].astype("int64")
         wide_b = b[broadcast_index(b.shape, shape, i)].astype("int64")
-        total = wide_a * read_param(m_a, i) + wide_b * read_param(m_b, i)
-        return dyadic.requantize(total, tirx.const(1, "int64"), read_param(s, i), QMIN, QMAX, "int16")
+        return add_values(wide_a, wide_b, m_a, m_b, s, i)
 
     return te.compute(shape, body, name="add")
 
@@ -109,12 +115,14 @@ class IntAdd(IntqConverter):
         out_static = [int(d) if isinstance(d, tirx.IntImm) else None for d in out]
         for name in ("m_a", "m_b", "s"):
             check_trailing_broadcast(cls, node, name, args[name], out_static)
+        m_a, m_b, s = (param_operand(args[name]) for name in ("m_a", "m_b", "s"))
         return bb.call_te(
             add_te,
             args["a"],
             args["b"],
-            param_operand(args["m_a"]),
-            param_operand(args["m_b"]),
-            param_operand(args["s"]),
+            m_a,
+            m_b,
+            s,
             primfunc_name_hint="intq_add",
+            primfunc_attrs=kernel_attrs(cls.op_type, m_a=m_a, m_b=m_b, s=s),
         )

@@ -27,6 +27,14 @@ Constant params: a param that is an ONNX initializer of a single element
 (per-tensor ``m``, ``s``) is baked into the kernel as an immediate, so LLVM
 sees a constant multiplier and shift; larger ones (per-channel) stay buffer
 arguments of the PrimFunc.
+
+Kernel attributes: the converters of the ops that the epilogue fusion passes
+(``passes/fuse_*_epilogue.py``) combine tag their PrimFunc with
+``kernel_attrs``: ``intq.op`` (the op type) and ``intq.immediates`` (the
+params baked in, by name).  With the ``call_tir`` arguments, which are the
+op's remaining inputs in ``inputs`` order, they give back every operand of
+the te helper that built the kernel (``kernel_operands``), so a pass can
+rebuild a combined kernel from the same helpers.
 """
 
 from __future__ import annotations
@@ -35,9 +43,11 @@ from typing import ClassVar
 
 import numpy as np
 
-from intq.passes.compat import OnnxOpConverter, constant_value, relax, te, tensor_type, tirx
+from intq.passes.compat import OnnxOpConverter, constant_value, relax, te, tensor_type, tirx, tvm
 
 INTQ_DOMAIN = "intq"  # the ONNX domain of our functions (quantizer.ops.base.INTQ_DOMAIN; no torch here)
+OP_ATTR = "intq.op"  # PrimFunc attr: the intq op type the kernel computes
+IMMEDIATES_ATTR = "intq.immediates"  # PrimFunc attr: {param name: value} of the params baked in
 
 #: A param as a kernel sees it: a TE tensor (buffer argument) or a Python int (immediate).
 Operand = te.Tensor | int
@@ -120,3 +130,33 @@ def read_param(param: Operand, index: tuple, dtype: str = "int64") -> tirx.PrimE
     tail = index[len(index) - len(shape) :] if shape else ()
     sub = tuple(0 if d == 1 else i for d, i in zip(shape, tail, strict=True))
     return param[sub].astype(dtype)
+
+
+def kernel_attrs(op_type: str, **params: Operand | relax.Expr) -> dict:
+    """The PrimFunc attrs of an ``op_type`` kernel whose params are ``params`` (ints are baked in)."""
+    return {OP_ATTR: op_type, IMMEDIATES_ATTR: {k: v for k, v in params.items() if isinstance(v, int)}}
+
+
+def kernel_op(mod: tvm.IRModule, call: relax.Expr) -> str | None:
+    """The ``intq.op`` of the kernel that ``call`` runs when it is a ``call_tir`` of a tagged PrimFunc, else None."""
+    if not (isinstance(call, relax.Call) and call.op.same_as(tvm.ir.Op.get("relax.call_tir"))):
+        return None
+    func = mod.functions.get(call.args[0])
+    attrs = func.attrs if isinstance(func, tirx.PrimFunc) and func.attrs else {}
+    return str(attrs[OP_ATTR]) if OP_ATTR in attrs else None
+
+
+def kernel_operands(
+    func: tirx.PrimFunc, call: relax.Call, inputs: tuple[str, ...]
+) -> dict[str, relax.Expr | int] | None:
+    """Each input of the op that ``call = call_tir(func, ...)`` runs: its baked-in int or its call argument.
+
+    None when the call's arguments are not the op's non-immediate inputs, one each.
+    """
+    immediates = func.attrs.get(IMMEDIATES_ATTR, {}) if func.attrs else {}
+    names = [name for name in inputs if name not in immediates]
+    args = call.args[1]
+    if len(call.args) != 2 or not isinstance(args, relax.Tuple) or len(args.fields) != len(names):
+        return None
+    operands = dict(zip(names, args.fields, strict=True))
+    return {name: int(immediates[name]) if name in immediates else operands[name] for name in inputs}

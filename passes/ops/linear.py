@@ -28,6 +28,7 @@ from intq.passes.ops.base import (
     Operand,
     check_trailing_broadcast,
     dtype_of,
+    kernel_attrs,
     param_operand,
     read_param,
     static_shape,
@@ -45,14 +46,15 @@ def int_matmul_te(x: te.Tensor, w: te.Tensor) -> te.Tensor:
     return te.compute((*x.shape[:-1], n), body, name="acc")
 
 
+def requantize_acc(acc: te.Tensor, b, m: Operand, s: Operand, index: tuple, qmin: int, qmax: int, out_dtype: str):
+    """The requantizing epilogue at output ``index``: bias added in int64, then the dyadic requantize."""
+    total = acc[index].astype("int64") + b[index[-1]].astype("int64")
+    return dyadic.requantize(total, read_param(m, index), read_param(s, index), qmin, qmax, out_dtype)
+
+
 def linear_requantize_te(x, w, b, m: Operand, s: Operand, qmin: int, qmax: int, out_dtype: str) -> te.Tensor:
     acc = int_matmul_te(x, w)
-
-    def body(*i):
-        total = acc[i].astype("int64") + b[i[-1]].astype("int64")
-        return dyadic.requantize(total, read_param(m, i), read_param(s, i), qmin, qmax, out_dtype)
-
-    return te.compute(acc.shape, body, name="requantize")
+    return te.compute(acc.shape, lambda *i: requantize_acc(acc, b, m, s, i, qmin, qmax, out_dtype), name="requantize")
 
 
 def linear_acc_te(x, w, b) -> te.Tensor:
@@ -89,17 +91,19 @@ class IntLinear(_LinearConverter):
         out_shape = cls.check_operands(node, args)
         for name in ("m", "s"):
             check_trailing_broadcast(cls, node, name, args[name], out_shape)
+        m, s = param_operand(args["m"]), param_operand(args["s"])
         return bb.call_te(
             linear_requantize_te,
             args["x"],
             args["w"],
             args["b"],
-            param_operand(args["m"]),
-            param_operand(args["s"]),
+            m,
+            s,
             cls.qmin,
             cls.qmax,
             cls.out_dtype,
             primfunc_name_hint=f"intq_{cls.op_type.lower()}",
+            primfunc_attrs=kernel_attrs(cls.op_type, m=m, s=s),
         )
 
 
@@ -115,4 +119,11 @@ class IntLinearAcc(_LinearConverter):
     @classmethod
     def convert(cls, bb: relax.BlockBuilder, node: str, args: dict[str, relax.Expr]) -> relax.Expr:
         cls.check_operands(node, args)
-        return bb.call_te(linear_acc_te, args["x"], args["w"], args["b"], primfunc_name_hint="intq_linear_acc")
+        return bb.call_te(
+            linear_acc_te,
+            args["x"],
+            args["w"],
+            args["b"],
+            primfunc_name_hint="intq_linear_acc",
+            primfunc_attrs=kernel_attrs(cls.op_type),
+        )

@@ -29,6 +29,7 @@ from intq.passes.ops.base import (
     Operand,
     check_trailing_broadcast,
     dtype_of,
+    kernel_attrs,
     param_operand,
     read_param,
 )
@@ -99,7 +100,13 @@ class IntMatMulAcc(IntqConverter):
     @classmethod
     def convert(cls, bb: relax.BlockBuilder, node: str, args: dict[str, relax.Expr]) -> relax.Expr:
         cls.check_operands(node, args)
-        return bb.call_te(int_matmul_te, args["a"], args["b"], primfunc_name_hint="intq_matmul_acc")
+        return bb.call_te(
+            int_matmul_te,
+            args["a"],
+            args["b"],
+            primfunc_name_hint="intq_matmul_acc",
+            primfunc_attrs=kernel_attrs(cls.op_type),
+        )
 
 
 class IntMatMul(IntMatMulAcc):
@@ -111,11 +118,13 @@ class IntMatMul(IntMatMulAcc):
         out_shape = cls.check_operands(node, args)
         for name in ("m", "s"):
             check_trailing_broadcast(cls, node, name, args[name], out_shape)
+        m, s = param_operand(args["m"]), param_operand(args["s"])
         return bb.call_te(
             matmul_requantize_te,
             args["a"],
             args["b"],
-            param_operand(args["m"]),
-            param_operand(args["s"]),
+            m,
+            s,
             primfunc_name_hint="intq_matmul",
+            primfunc_attrs=kernel_attrs(cls.op_type, m=m, s=s),
         )

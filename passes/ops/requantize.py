@@ -18,6 +18,7 @@ from intq.passes.ops.base import (
     Operand,
     check_trailing_broadcast,
     dtype_of,
+    kernel_attrs,
     param_operand,
     read_param,
     static_shape,
@@ -44,13 +45,15 @@ class Requantize(IntqConverter):
             raise cls.fail(node, f"x must be a signed integer tensor, got {dtype_of(x)}")
         for name in ("m", "s"):
             check_trailing_broadcast(cls, node, name, args[name], static_shape(x))
+        m, s = param_operand(args["m"]), param_operand(args["s"])
         return bb.call_te(
             requantize_te,
             x,
-            param_operand(args["m"]),
-            param_operand(args["s"]),
+            m,
+            s,
             QMIN,
             QMAX,
             "int8",
             primfunc_name_hint="intq_requantize",
+            primfunc_attrs=kernel_attrs(cls.op_type, m=m, s=s),
         )

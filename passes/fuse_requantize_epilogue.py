@@ -1,0 +1,133 @@
+"""Fuse a ``Requantize`` into the ``IntLinearAcc`` / ``IntMatMulAcc`` whose int32 output it only consumes.
+
+    acc = call_tir(IntLinearAcc kernel, (x, w, b))       acc = call_tir(IntMatMulAcc kernel, (a, b))
+    y   = call_tir(Requantize kernel, (acc[, m][, s]))   y   = call_tir(Requantize kernel, (acc[, m][, s]))
+  ->
+    y   = call_tir(IntLinear kernel, (x, w, b[, m][, s]))     y = call_tir(IntMatMul kernel, (a, b[, m][, s]))
+
+    y = clamp(((x @ w.T + b) * m + 2**(s-1)) >> s, -128, 127)     (int8; IntLinear)
+    y = clamp(((a @ b) * m + 2**(s-1)) >> s, -128, 127)           (int8; IntMatMul)
+
+The replacement kernel is the one the ``IntLinear`` / ``IntMatMul``
+converter builds (``linear.linear_requantize_te``,
+``matmul.matmul_requantize_te``, tagged as that op), with the Requantize's
+``m`` and ``s`` (a scalar, baked in, or one value per output channel): the
+requantize clamp is the same ``[-128, 127]``, and ``x`` is widened to int64
+before the product in both forms.  The one change of order, ``IntLinearAcc``
+adding the bias in int32 where ``IntLinear`` adds it after widening, gives
+the same integer because the exporter proved ``|acc + b| < 2**31``
+(``quantizer.ops.linear.accumulator_bound``): the outputs are bit-identical,
+the int32 tensor between the kernels is gone.
+
+Contract: run on a module from ``onnx_import.import_onnx`` (kernels tagged
+with ``intq.op`` / ``intq.immediates``, see ``passes/ops/base.py``), before
+``tvm.compile``.  A pair is left unchanged, the reason recorded in
+``skipped`` under the accumulator's name, when the accumulator has another
+use or when its consumer is not a ``Requantize`` (a ``Shiftmax`` reads it, as
+in attention).  ``fused`` lists the accumulators folded away.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import NamedTuple
+
+from tvm.relax.dpl import GlobalVarPattern, is_op, rewrite_call, wildcard
+
+from intq.passes.compat import relax, tvm
+from intq.passes.fuse_residual_epilogue import use_counts
+from intq.passes.ops import linear, matmul, requantize
+from intq.passes.ops.base import IntqConverter, kernel_attrs, kernel_op, kernel_operands
+
+
+class Fold(NamedTuple):
+    """An accumulating op, the requantizing op it becomes with its Requantize, and how to build that kernel."""
+
+    accumulator: type[IntqConverter]
+    result: type[IntqConverter]
+    te_func: Callable
+    te_args: Callable[[dict, object, object], tuple]  # (accumulator's operands, m, s) -> te_func's arguments
+    name: str  # the PrimFunc name hint of ``result``'s converter
+
+
+FOLDS = {
+    fold.accumulator.op_type: fold
+    for fold in (
+        Fold(
+            linear.IntLinearAcc,
+            linear.IntLinear,
+            linear.linear_requantize_te,
+            lambda ops, m, s: (ops["x"], ops["w"], ops["b"], m, s, requantize.QMIN, requantize.QMAX, "int8"),
+            "intq_intlinear",
+        ),
+        Fold(
+            matmul.IntMatMulAcc,
+            matmul.IntMatMul,
+            matmul.matmul_requantize_te,
+            lambda ops, m, s: (ops["a"], ops["b"], m, s),
+            "intq_matmul",
+        ),
+    )
+}
+
+
+@tvm.transform.module_pass(opt_level=0, name="FuseRequantizeEpilogue")
+class FuseRequantizeEpilogue:
+    """Fold each ``Requantize`` of a single-use accumulator into its producer; see the module docstring."""
+
+    def __init__(self):
+        self.pattern = is_op("relax.call_tir")(GlobalVarPattern(), wildcard())
+        self.fused: list[str] = []
+        self.skipped: dict[str, str] = {}
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        self.fused, self.skipped = [], {}
+        bb = relax.BlockBuilder(mod)
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                bindings, uses = relax.analysis.get_var2val(func), use_counts(func)
+
+                def rewriter(call, _matchings, bindings=bindings, uses=uses):
+                    return self.rewrite(mod, bb, bindings, uses, call)
+
+                bb.update_func(gv, rewrite_call(self.pattern, rewriter, func))
+        if not self.fused:
+            return mod
+        entries = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, relax.Function)]
+        return relax.transform.DeadCodeElimination(entries)(bb.get())
+
+    def rewrite(self, mod, bb, bindings, uses, call: relax.Call) -> relax.Expr:
+        args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else []
+        acc = args[0] if args else None
+        producer = bindings.get(acc) if isinstance(acc, relax.Var) else None
+        fold = FOLDS.get(kernel_op(mod, producer))
+        if fold is None:
+            return call
+        reason = self.check(mod, call, acc, uses)
+        if reason is None:
+            acc_ops = kernel_operands(mod[producer.args[0]], producer, fold.accumulator.inputs)
+            rq_ops = kernel_operands(mod[call.args[0]], call, requantize.Requantize.inputs)
+            if acc_ops is None or rq_ops is None:
+                reason = "the kernels' arguments are not their ops' inputs"
+        if reason:
+            self.skipped[acc.name] = reason
+            return call
+        self.fused.append(acc.name)
+        m, s = rq_ops["m"], rq_ops["s"]
+        return bb.call_te(
+            fold.te_func,
+            *fold.te_args(acc_ops, m, s),
+            primfunc_name_hint=fold.name,
+            primfunc_attrs=kernel_attrs(fold.result.op_type, m=m, s=s),
+        )
+
+    @staticmethod
+    def check(mod, call: relax.Call, acc: relax.Var, uses: Counter) -> str | None:
+        """Why ``acc`` cannot be fused with ``call``, or None."""
+        if uses[acc] != 1:
+            return f"the accumulator is used {uses[acc]} times"
+        consumer = kernel_op(mod, call)
+        if consumer != requantize.Requantize.op_type:
+            return f"its consumer {call.args[0].name_hint} ({consumer or 'no intq.op'}) is not a Requantize"
+        return None
