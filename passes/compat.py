@@ -18,6 +18,16 @@ Written against apache-tvm 0.27, which renamed much of the older API:
   ``tvm.sym.Analyzer``, formerly ``tvm.arith.Analyzer``;
 - ``tvm.compile`` is the one build entry point (it routes a module holding
   Relax functions to ``relax.build``); ``relax.VirtualMachine`` runs it.
+- a TIR buffer is a ``Var`` whose type is a ``BufferType`` (``.shape``,
+  ``.dtype``, ``.storage_scope``); a PrimFunc has no ``buffer_map``, its
+  buffer params are those vars; a load is an ``ir.TensorLoad`` (``.source``,
+  ``.indices``), a region an ``ir.TensorRegion`` (``.source``, ``.region``);
+  TIR is rewritten from Python with ``tvm_ffi.structural_map`` (there is no
+  ``tirx.stmt_functor``);
+- ``Schedule.tensorize`` crashes (SIGSEGV) in the apache-tvm 0.27 wheel: it
+  deep-copies the intrinsic through JSON, and ``tvm_ffi``'s JSON writer
+  crashes on any IR node (``tvm.ir.save_json(tirx.IntImm("int32", 1))``
+  does too).  ``tensorize`` below does the same substitution without the copy.
 
 The ONNX frontend (``tvm.relax.frontend.onnx``) dispatches every node by its
 ``op_type`` alone (the domain is ignored) through the module-level function
@@ -34,6 +44,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax, s_tir, te, tirx
 from tvm.relax.frontend.onnx import from_onnx
 from tvm.relax.frontend.onnx import onnx_frontend as _onnx_frontend
@@ -53,6 +64,7 @@ __all__ = [
     "s_tir",
     "te",
     "tensor_type",
+    "tensorize",
     "tirx",
     "vm_device",
     "VirtualMachine",
@@ -147,3 +159,55 @@ def extended_convert_map(extra: Mapping[str, type]) -> Iterator[None]:
             yield
         finally:
             _onnx_frontend._get_convert_map = original
+
+
+def buffer_scope(buffer: tvm.ir.Var) -> str:
+    """The storage scope (``"global"``, ``"local"``, ...) of a TIR buffer var."""
+    return str(buffer.ty.storage_scope) or "global"
+
+
+def tensorize(func: tirx.PrimFunc, block: str, impl: tirx.PrimFunc, bind: Mapping[str, str]) -> tirx.PrimFunc:
+    """``func`` with the body of its block named ``block`` replaced by ``impl``'s, as ``Schedule.tensorize`` does.
+
+    ``block`` is the outer block that ``Schedule.blockize`` made of the loops
+    the intrinsic covers; ``bind`` maps each buffer param of ``impl`` to the
+    name of the ``func`` buffer it stands for, whose region in ``block``'s
+    reads/writes it is matched to (``T.match_buffer``: the offsets become the
+    region's start).  ``impl`` must be fresh (not used in another function),
+    with the scopes of the buffers it binds.  Unlike ``Schedule.tensorize``,
+    nothing checks that the replaced loops compute what ``impl`` computes:
+    the caller built both.
+    """
+    params = {p.name: p for p in impl.params}
+    found = []
+
+    def replace(node: s_tir.SBlock) -> s_tir.SBlock:
+        if node.name_hint != block:
+            return node
+        regions = {r.source.name: r for r in [*node.reads, *node.writes]}
+        matches = []
+        for param, target in bind.items():
+            if target not in regions:
+                raise ValueError(f"tensorize: block {block!r} does not access a buffer {target!r}")
+            scopes = buffer_scope(params[param]), buffer_scope(regions[target].source)
+            if scopes[0] != scopes[1]:
+                raise ValueError(f"tensorize: {param} is in scope {scopes[0]!r}, {target!r} in {scopes[1]!r}")
+            matches.append(s_tir.MatchBufferRegion(params[param], regions[target]))
+        found.append(node)
+        body = impl.body.block.body
+        return s_tir.SBlock(
+            node.iter_vars,
+            node.reads,
+            node.writes,
+            node.name_hint,
+            body,
+            None,
+            node.alloc_buffers,
+            matches,
+            node.annotations,
+        )
+
+    out = tvm_ffi.structural_map(func, (s_tir.SBlock, replace))
+    if len(found) != 1:
+        raise ValueError(f"tensorize: expected one block named {block!r}, found {len(found)}")
+    return out
