@@ -13,6 +13,7 @@ SUBPACKAGES = {
     "intq.quantizer.ops": "quantizer/ops",
     "intq.passes": "passes",
     "intq.passes.ops": "passes/ops",
+    "intq.passes.schedules": "passes/schedules",
     "intq.ilp": "ilp",
     "intq.export": "export",
     "intq.models": "models",

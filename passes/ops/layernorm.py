@@ -36,6 +36,7 @@ from intq.passes.ops.base import (
     Operand,
     check_trailing_broadcast,
     dtype_of,
+    kernel_attrs,
     param_operand,
     read_param,
     static_shape,
@@ -120,4 +121,5 @@ class ILayerNorm(IntqConverter):
             param_operand(args["bias"]),
             param_operand(args["s"]),
             primfunc_name_hint="intq_layernorm",
+            primfunc_attrs=kernel_attrs(cls.op_type),
         )

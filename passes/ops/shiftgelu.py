@@ -26,6 +26,7 @@ from intq.passes.ops.base import (
     Operand,
     check_trailing_broadcast,
     dtype_of,
+    kernel_attrs,
     param_operand,
     read_param,
     static_shape,
@@ -70,4 +71,10 @@ class ShiftGELU(IntqConverter):
                 check_trailing_broadcast(cls, node, name, value, shape)
         if isinstance(params["D"], int):
             check_divisor(cls, node, params["D"])
-        return bb.call_te(shiftgelu_te, x, *params.values(), primfunc_name_hint="intq_shiftgelu")
+        return bb.call_te(
+            shiftgelu_te,
+            x,
+            *params.values(),
+            primfunc_name_hint="intq_shiftgelu",
+            primfunc_attrs=kernel_attrs(cls.op_type),
+        )

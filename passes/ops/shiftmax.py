@@ -36,6 +36,7 @@ from intq.passes.ops.base import (
     Operand,
     check_trailing_broadcast,
     dtype_of,
+    kernel_attrs,
     param_operand,
     read_param,
     static_shape,
@@ -98,4 +99,6 @@ class Shiftmax(IntqConverter):
                 )
         else:
             check_trailing_broadcast(cls, node, "D", D, shape)
-        return bb.call_te(shiftmax_te, x, D, primfunc_name_hint="intq_shiftmax")
+        return bb.call_te(
+            shiftmax_te, x, D, primfunc_name_hint="intq_shiftmax", primfunc_attrs=kernel_attrs(cls.op_type)
+        )

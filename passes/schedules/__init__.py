@@ -80,6 +80,25 @@ def schedule_with(fn: Callable[[s_tir.Schedule], None]) -> PrimFuncSchedule:
     return schedule
 
 
+def _register_row_and_attention_schedules() -> None:
+    from intq.passes.schedules import batch_matmul, rows
+
+    SCHEDULES.update(
+        {
+            "Shiftmax": schedule_with(rows.schedule_shiftmax),
+            "ILayerNorm": schedule_with(rows.schedule_layernorm),
+            "ShiftGELU": schedule_with(rows.schedule_shiftgelu),
+            "IntAdd": schedule_with(rows.schedule_add),
+            "Requantize": schedule_with(rows.schedule_requantize),
+            "IntMatMul": schedule_with(batch_matmul.schedule_batch_matmul),
+            "IntMatMulAcc": schedule_with(batch_matmul.schedule_batch_matmul),
+        }
+    )
+
+
+_register_row_and_attention_schedules()
+
+
 def kernel_op(func) -> str | None:
     """The ``intq.op`` of an unscheduled kernel, else None."""
     attrs = func.attrs if isinstance(func, tirx.PrimFunc) and func.attrs else {}

@@ -1,0 +1,202 @@
+"""Row-wise kernels and attention matmuls: unscheduled against scheduled (``passes/schedules``), 1 and 2 threads.
+
+Kernels at the sizes of one layer of DeiT-tiny (197 tokens, hidden 192,
+3 heads of 64, MLP 768) and of MiniLM-L6 (sequence 128, hidden 384, 12 heads
+of 32, MLP 1536), batch 1, each built as the pipeline builds it (a one-node
+ONNX model, ``import_onnx``, its PrimFunc) with the dims the models leave
+symbolic (batch; MiniLM's sequence too), compiled for an AVX2 CPU
+(``--mcpu``, default ``x86-64-v3``) unscheduled and scheduled.  Timed alone
+(the PrimFunc, outputs preallocated), after checking that both give the same
+bits.  Each thread count runs in its own process (``TVM_NUM_THREADS`` is read
+when the thread pool starts).  Prints the median over ``--repeat`` timings
+(each of at least 20 ms of calls), the fastest one in brackets (on a shared
+machine the least disturbed), and scheduled-over-unscheduled speedups.
+
+    python benchmarks/kernel_microbench.py [--threads 1,2] [--repeat 25] [--models deit_tiny,minilm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+
+DEIT = "deit_tiny"
+MINILM = "minilm"
+
+
+def cases(model: str) -> dict:
+    """``{kernel: (op, {input: (shape, dtype)}, {input: {axis: symbol}}, schedule function name)}``."""
+    from intq.quantizer.ops.add import IntAdd
+    from intq.quantizer.ops.layernorm import ILayerNorm
+    from intq.quantizer.ops.matmul import IntMatMul, IntMatMulAcc
+    from intq.quantizer.ops.requantize import Requantize
+    from intq.quantizer.ops.shiftgelu import ShiftGELU
+    from intq.quantizer.ops.shiftmax import Shiftmax
+
+    seq, hidden, heads, mlp = (197, 192, 3, 768) if model == DEIT else (128, 384, 12, 1536)
+    head = hidden // heads
+    seq_dim = None if model == DEIT else "s"  # DeiT's token count is static, MiniLM's sequence is not
+
+    def dims(*axes):
+        return {axis: ("b" if axis == 0 else seq_dim) for axis in axes if axis == 0 or seq_dim}
+
+    rng = np.random.default_rng(0)
+    gamma, beta = rng.normal(1.0, 0.5, hidden), rng.normal(0.0, 0.5, hidden)
+    return {
+        "Shiftmax": (
+            Shiftmax(0.0137),
+            {"x": ((1, heads, seq, seq), np.int32)},
+            {"x": dims(0, 2, 3)},
+            "schedule_shiftmax",
+        ),
+        "ILayerNorm": (
+            ILayerNorm(gamma, beta, 1e-6, 0.01, 0.05),
+            {"x": ((1, seq, hidden), np.int16)},
+            {"x": dims(0, 1)},
+            "schedule_layernorm",
+        ),
+        "ShiftGELU": (ShiftGELU(0.05, 0.03), {"x": ((1, seq, mlp), np.int8)}, {"x": dims(0, 1)}, "schedule_shiftgelu"),
+        "IntAdd": (
+            IntAdd(np.linspace(0.1, 0.9, hidden), 0.37),
+            {"a": ((1, seq, hidden), np.int16), "b": ((1, seq, hidden), np.int16)},
+            {"a": dims(0, 1), "b": dims(0, 1)},
+            "schedule_add",
+        ),
+        "Requantize": (
+            Requantize(np.linspace(1e-4, 1e-3, hidden)),
+            {"x": ((1, seq, hidden), np.int32)},
+            {"x": dims(0, 1)},
+            "schedule_requantize",
+        ),
+        "IntMatMulAcc QK^T": (
+            IntMatMulAcc(),
+            {"a": ((1, heads, seq, head), np.int8), "b": ((1, heads, head, seq), np.int8)},
+            {"a": dims(0, 2), "b": dims(0, 3)},
+            "schedule_batch_matmul",
+        ),
+        "IntMatMul PV": (
+            IntMatMul(3e-3),
+            {"a": ((1, heads, seq, seq), np.int8), "b": ((1, heads, seq, head), np.int8)},
+            {"a": dims(0, 2, 3), "b": dims(0, 2)},
+            "schedule_batch_matmul",
+        ),
+    }
+
+
+def kernel(op, inputs: dict, symbols: dict):
+    """The op's PrimFunc as ``import_onnx`` builds it, and its buffer params (in order) as numpy arrays."""
+    from onnx import numpy_helper
+
+    from intq.passes import compat
+    from intq.passes.onnx_import import import_onnx
+    from intq.quantizer.ops.onnx_fn import single_op_model
+
+    model = single_op_model(op, [np.zeros(shape, dtype) for shape, dtype in inputs.values()])
+    for value in model.graph.input:
+        for axis, name in symbols.get(value.name, {}).items():
+            value.type.tensor_type.shape.dim[axis].dim_param = name
+    mod = import_onnx(model)
+    (func,) = [f for f in mod.functions.values() if isinstance(f, compat.tirx.PrimFunc)]
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    # single-element integer params are immediates in the kernel (passes/ops/base.param_operand)
+    params = [np.ascontiguousarray(inits[n]) for n in model.graph.node[0].input[len(inputs) :] if inits[n].size > 1]
+    return func, params
+
+
+def compile_kernel(func, schedule, mcpu: str):
+    import tvm
+
+    from intq.passes import compat
+
+    if schedule is not None:
+        sch = compat.s_tir.Schedule(func)
+        schedule(sch)
+        func = sch.mod["main"]
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target).jit()
+
+
+def worker(args) -> None:
+    """Time every case of ``args.models`` in this process; one JSON line per case."""
+    import tvm
+
+    from intq.passes.schedules import batch_matmul, rows
+
+    schedules = {n: getattr(rows, n) for n in dir(rows) if n.startswith("schedule_")}
+    schedules["schedule_batch_matmul"] = batch_matmul.schedule_batch_matmul
+    rng = np.random.default_rng(1)
+    for model in args.models:
+        for name, (op, inputs, symbols, schedule) in cases(model).items():
+            func, params = kernel(op, inputs, symbols)
+            data = []
+            for shape, dtype in inputs.values():
+                info = np.iinfo(dtype)
+                lo, hi = max(info.min, -(2**20)), min(info.max, 2**20)
+                data.append(rng.integers(lo, hi, shape, endpoint=True).astype(dtype))
+            out_shape = data[0].shape[:-1] + data[-1].shape[-1:] if "MatMul" in name else data[0].shape
+            out_dtype = str(func.params[-1].ty.dtype)
+            row = {"model": model, "kernel": name, "shape": " x ".join(str(list(d.shape)) for d in data)}
+            outputs = []
+            for label, sched in (("unscheduled", None), ("scheduled", schedules[schedule])):
+                fn = compile_kernel(func, sched, args.mcpu)
+                out = tvm.runtime.tensor(np.zeros(out_shape, out_dtype))
+                call_args = [tvm.runtime.tensor(a) for a in [*data, *params]] + [out]
+                fn["main"](*call_args)
+                outputs.append(out.numpy())
+                timer = fn.time_evaluator("main", tvm.cpu(0), number=1, repeat=args.repeat, min_repeat_ms=20)
+                times = [t * 1e3 for t in timer(*call_args).results]
+                row[label] = (statistics.median(times), min(times))
+            if not np.array_equal(*outputs):
+                raise SystemExit(f"{model} {name}: the scheduled kernel differs from the unscheduled one")
+            print(json.dumps(row), flush=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", default="1,2", help="comma-separated TVM_NUM_THREADS values, one process each")
+    p.add_argument("--repeat", type=int, default=25)
+    p.add_argument("--models", default=f"{DEIT},{MINILM}")
+    p.add_argument("--mcpu", default="x86-64-v3", help="LLVM CPU of the target (x86-64-v3: AVX2, no AVX-512)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.models = args.models.split(",")
+    if args.worker:
+        worker(args)
+        return
+
+    results: dict[tuple[str, str], dict] = {}
+    threads = [int(t) for t in args.threads.split(",")]
+    for n in threads:
+        env = dict(os.environ, TVM_NUM_THREADS=str(n))
+        argv_ = [sys.executable, __file__, "--worker", "--repeat", str(args.repeat), "--mcpu", args.mcpu]
+        argv_ += ["--models", ",".join(args.models)]
+        done = subprocess.run(argv_, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"the worker with TVM_NUM_THREADS={n} failed:\n{done.stderr}")
+        for row in map(json.loads, done.stdout.splitlines()):
+            entry = results.setdefault((row["model"], row["kernel"]), {"shape": row["shape"]})
+            entry[n] = (row["unscheduled"], row["scheduled"])
+
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"mcpu={args.mcpu}, {os.cpu_count()} CPUs, load average after the runs {load}")
+    print("ms: median [fastest] of", args.repeat, "timings; speedup = unscheduled / scheduled (medians)")
+    head = f"{'model':10} {'kernel':18} {'shape':38}"
+    for n in threads:
+        head += f" | {f'unsched {n}T':>16} {f'sched {n}T':>16} {'x':>5}"
+    print(head)
+    for (model, name), entry in results.items():
+        line = f"{model:10} {name:18} {entry['shape']:38}"
+        for n in threads:
+            (u_med, u_min), (s_med, s_min) = entry[n]
+            line += f" | {u_med:7.3f} [{u_min:6.3f}] {s_med:7.3f} [{s_min:6.3f}] {u_med / s_med:5.1f}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
