@@ -197,7 +197,7 @@ def test_fused_module_is_the_one_op_module(producer, params):
         (accumulator_model("IntLinearAcc", consumer="Requantize and output"), "the accumulator is used 2 times"),
         (
             accumulator_model("IntMatMulAcc", consumer="Shiftmax"),
-            "its consumer intq_shiftmax (no intq.op) is not a Requantize",
+            "its consumer intq_shiftmax (Shiftmax) is not a Requantize",
         ),
     ],
     ids=["another_use", "not_a_requantize"],
