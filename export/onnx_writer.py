@@ -48,11 +48,17 @@ def _array(t: torch.Tensor) -> np.ndarray:
 def write_onnx(
     gm: fx.GraphModule,
     inputs: list[dict],
-    output_names: list[str],
+    outputs: list[dict],
     integer_outputs: bool = False,
     doc: str = "",
 ) -> onnx.ModelProto:
-    """Build the ModelProto; ``inputs``: [{name, elem_type, shape}] of the source model."""
+    """Build the ModelProto.
+
+    ``inputs`` / ``outputs``: ``[{name, elem_type, shape}]`` of the source
+    model; the integer model keeps its input and output names and declared
+    shapes (an output without a declared shape gets symbolic dims of the
+    rank the graph computes).
+    """
     names: dict[fx.Node, str] = {}
     nodes: list[onnx.NodeProto] = []
     inits: dict[str, onnx.TensorProto] = {}
@@ -131,10 +137,11 @@ def write_onnx(
             graph_outputs = []
             for i, arg in enumerate(node.args[0]):
                 dtype = _output_dtype(gm, arg, integer_outputs)
-                out_name = output_names[i]
+                out_name = outputs[i]["name"]
                 nodes.append(helper.make_node("Identity", [names[arg]], [out_name], name=f"output_{i}"))
-                rank = len(arg.meta["shape"]) if arg.meta.get("shape") is not None else None
-                shape = None if rank is None else [f"{out_name}_d{k}" for k in range(rank)]
+                shape = outputs[i].get("shape")
+                if shape is None and arg.meta.get("shape") is not None:
+                    shape = [f"{out_name}_d{k}" for k in range(len(arg.meta["shape"]))]
                 graph_outputs.append(helper.make_tensor_value_info(out_name, dtype, shape))
                 out_types.append(dtype)
         else:

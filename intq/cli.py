@@ -140,7 +140,6 @@ def run(args) -> None:
     from intq.export.verify import verify_integer_only
 
     int_model = qmodel.to_onnx()
-    _declare_output_shapes(int_model, qmodel.outputs)
     onnx.checker.check_model(int_model, full_check=False)
     verify_integer_only(int_model)
     seconds = time.perf_counter() - t0
@@ -233,26 +232,6 @@ def _num(v):
         return None
     a = np.asarray(v, dtype=np.float64)
     return float(a) if a.size == 1 else a.tolist()
-
-
-def _declare_output_shapes(model, outputs) -> None:
-    """Declare the graph outputs with the float model's shapes (``[batch, 10]``, not the writer's ``y_d0, y_d1``).
-
-    ``onnx.checker`` requires a shape on every graph output; the integer model
-    computes the same outputs as the float one, so the float declaration holds.
-    """
-    for vi, info in zip(model.graph.output, outputs, strict=True):
-        if info.get("shape") is None:
-            continue
-        shape = vi.type.tensor_type.shape
-        shape.Clear()
-        shape.SetInParent()  # rank 0 is a shape too: an empty list must still declare it
-        for d in info["shape"]:
-            dim = shape.dim.add()
-            if isinstance(d, int):
-                dim.dim_value = d
-            elif isinstance(d, str):
-                dim.dim_param = d
 
 
 def _input_entry(info, qmodel) -> dict:

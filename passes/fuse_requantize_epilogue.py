@@ -33,10 +33,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import NamedTuple
 
-from tvm.relax.dpl import GlobalVarPattern, is_op, rewrite_call, wildcard
-
+from intq.passes.call_tir_rewrite import CallTirRewrite
 from intq.passes.compat import relax, tvm
-from intq.passes.fuse_residual_epilogue import use_counts
 from intq.passes.ops import linear, matmul, requantize
 from intq.passes.ops.base import IntqConverter, kernel_attrs, kernel_op, kernel_operands
 
@@ -73,29 +71,8 @@ FOLDS = {
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseRequantizeEpilogue")
-class FuseRequantizeEpilogue:
+class FuseRequantizeEpilogue(CallTirRewrite):
     """Fold each ``Requantize`` of a single-use accumulator into its producer; see the module docstring."""
-
-    def __init__(self):
-        self.pattern = is_op("relax.call_tir")(GlobalVarPattern(), wildcard())
-        self.fused: list[str] = []
-        self.skipped: dict[str, str] = {}
-
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        self.fused, self.skipped = [], {}
-        bb = relax.BlockBuilder(mod)
-        for gv, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                bindings, uses = relax.analysis.get_var2val(func), use_counts(func)
-
-                def rewriter(call, _matchings, bindings=bindings, uses=uses):
-                    return self.rewrite(mod, bb, bindings, uses, call)
-
-                bb.update_func(gv, rewrite_call(self.pattern, rewriter, func))
-        if not self.fused:
-            return mod
-        entries = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, relax.Function)]
-        return relax.transform.DeadCodeElimination(entries)(bb.get())
 
     def rewrite(self, mod, bb, bindings, uses, call: relax.Call) -> relax.Expr:
         args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else []

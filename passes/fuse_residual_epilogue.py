@@ -30,8 +30,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from tvm.relax.dpl import GlobalVarPattern, is_op, rewrite_call, wildcard
-
+from intq.passes.call_tir_rewrite import CallTirRewrite
 from intq.passes.compat import Analyzer, relax, te, tensor_type, tirx, tvm
 from intq.passes.ops.add import IntAdd, add_values, broadcast_index
 from intq.passes.ops.base import OP_ATTR, Operand, kernel_op, kernel_operands
@@ -53,13 +52,6 @@ def linear16_add_te(x, w, b, m: Operand, s: Operand, other, m_a: Operand, m_b: O
     return te.compute(acc.shape, body, name="add")
 
 
-def use_counts(func: relax.Function) -> Counter:
-    """How many times each variable of ``func`` is read."""
-    counts: Counter = Counter()
-    relax.analysis.post_order_visit(func.body, lambda e: isinstance(e, relax.Var) and counts.update([e]))
-    return counts
-
-
 def same_shape(lhs: relax.Expr, rhs: relax.Expr) -> bool:
     a, b = tensor_type(lhs).shape.values, tensor_type(rhs).shape.values
     analyzer = Analyzer()
@@ -73,29 +65,8 @@ def dims(expr: relax.Expr) -> str:
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseResidualEpilogue")
-class FuseResidualEpilogue:
+class FuseResidualEpilogue(CallTirRewrite):
     """Fold each single-use ``IntLinear16`` into its ``IntAdd``; see the module docstring."""
-
-    def __init__(self):
-        self.pattern = is_op("relax.call_tir")(GlobalVarPattern(), wildcard())
-        self.fused: list[str] = []
-        self.skipped: dict[str, str] = {}
-
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        self.fused, self.skipped = [], {}
-        bb = relax.BlockBuilder(mod)
-        for gv, func in list(mod.functions.items()):
-            if isinstance(func, relax.Function):
-                bindings, uses = relax.analysis.get_var2val(func), use_counts(func)
-
-                def rewriter(call, _matchings, bindings=bindings, uses=uses):
-                    return self.rewrite(mod, bb, bindings, uses, call)
-
-                bb.update_func(gv, rewrite_call(self.pattern, rewriter, func))
-        if not self.fused:
-            return mod
-        entries = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, relax.Function)]
-        return relax.transform.DeadCodeElimination(entries)(bb.get())
 
     def rewrite(self, mod, bb, bindings, uses, call: relax.Call) -> relax.Expr:
         args = call.args[1].fields if isinstance(call.args[1], relax.Tuple) else []

@@ -76,4 +76,4 @@ class QuantizedModel(torch.nn.Module):
     def to_onnx(self, integer_outputs: bool = False):
         from intq.export.onnx_writer import write_onnx
 
-        return write_onnx(self.graph_module, self.inputs, self.output_names, integer_outputs=integer_outputs)
+        return write_onnx(self.graph_module, self.inputs, self.outputs, integer_outputs=integer_outputs)
