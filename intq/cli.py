@@ -115,7 +115,7 @@ def run(args) -> None:
         raise CliError(f"The output folder {out} already exists; choose another -o or pass --force to replace it.")
 
     if args.target != "none":
-        from intq.passes.pipeline import resolve_target
+        from intq.passes.targets import resolve_target
 
         resolve_target(args.target)  # an unknown target is refused before any work
 
@@ -180,7 +180,7 @@ def run(args) -> None:
         files = ["model.int.onnx", "report.json", "report.md"]
         if compiled is not None:
             library = f"model.{compiled.name}.so"
-            compiled.executable.export_library(str(tmp / library))
+            compiled.export(str(tmp / library))
             manifest["target"] = {"name": compiled.name, "tvm_target": compiled.target_json, "library": library}
             files.append(library)
         manifest["files"] = file_hashes(tmp, files)

@@ -8,15 +8,12 @@
                             it repacks the linears' weights; TVM's pipeline lowers a schedule as it is
     tvm.compile             TVM's default Relax pipeline for the target (on CPU it fuses no kernels)
 
-Targets are named (``x86``: the host CPU through LLVM, ``mcpu`` = the host's
-CPU name) or given as a TVM target JSON dict, e.g. ``{"kind": "llvm",
-"mcpu": "x86-64-v3"}``.
+Targets are named or given as a TVM target JSON dict (``passes/targets.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 
 import onnx
@@ -26,32 +23,27 @@ from intq.passes.fuse_requantize_epilogue import FuseRequantizeEpilogue
 from intq.passes.fuse_residual_epilogue import FuseResidualEpilogue
 from intq.passes.onnx_import import import_onnx
 from intq.passes.schedules import schedule_module
+from intq.passes.targets import TargetSpec, resolve_target
 from intq.passes.verify import verify_integer_only
-
-TARGET_NAMES = ("x86",)
-
-
-def resolve_target(target: str | Mapping | None) -> tuple[str, compat.tvm.target.Target]:
-    """``(short name, Target)``: the name is used in file names (``model.<name>.so``)."""
-    if target is None or target == "x86":
-        return "x86", compat.host_target()
-    if isinstance(target, Mapping):
-        return str(target.get("kind", "custom")), compat.make_target(target)
-    if isinstance(target, str) and target.strip().startswith("{"):
-        spec = json.loads(target)
-        return str(spec.get("kind", "custom")), compat.make_target(spec)
-    raise ValueError(
-        f"unknown target {target!r}: use one of {', '.join(TARGET_NAMES)} or a TVM target JSON dict such as "
-        '\'{"kind": "llvm", "mcpu": "x86-64-v3"}\''
-    )
 
 
 @dataclasses.dataclass
 class Compiled:
-    name: str
-    target: compat.tvm.target.Target
+    spec: TargetSpec
     executable: object
     input_names: list[str]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def target(self) -> compat.tvm.target.Target:
+        return self.spec.target
+
+    def export(self, path: str) -> None:
+        """Write the compiled library to ``path`` (cross-compiled where the target needs it)."""
+        self.spec.export(self.executable, path)
 
     @property
     def target_json(self) -> dict:
@@ -60,7 +52,8 @@ class Compiled:
 
 def compile_onnx(model: onnx.ModelProto, target: str | Mapping | None = None) -> Compiled:
     """Compile an integer-only intq ONNX model for ``target``."""
-    name, tgt = resolve_target(target)
+    spec = resolve_target(target)
+    tgt = spec.target
     mod = import_onnx(model)
     verify_integer_only(mod)
     mod = FuseResidualEpilogue()(FuseRequantizeEpilogue()(mod))
@@ -68,4 +61,4 @@ def compile_onnx(model: onnx.ModelProto, target: str | Mapping | None = None) ->
     executable = compat.build(mod, tgt)
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in initializers]
-    return Compiled(name, tgt, executable, inputs)
+    return Compiled(spec, executable, inputs)
