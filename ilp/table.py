@@ -1,0 +1,255 @@
+"""The bit-width ILP's data: one row per weighted layer, plus the layers' ties and pins.
+
+A row holds, for each candidate width ``b`` (4 and 8 by default):
+
+- ``delta_w[b]``: the weight perturbation ``||W - Q_b(W)||^2``;
+- ``size_bytes[b]``, ``bops[b]``, ``latency[b]``: the layer's cost at ``b`` bits
+  (latency in seconds; optional, needed only for a latency budget);
+
+and ``sensitivity``, the average Hessian trace ``Tr(H)/n`` (``n = params``).
+The ILP's objective for width ``b`` is ``sensitivity * delta_w[b]`` (HAWQV3).
+
+``ties``: groups of layers that must share one width (e.g. layers that read
+one activation, whose width is the input width of each).  ``pins``: layers
+held at a given width; ``None`` pins the first and the last layer (in table
+order) to the widest width, as HAWQV3 and the ``first_last_bits`` default do.
+
+``Table.from_sensitivity`` derives the costs from ``quantizer.sensitivity``'s
+records: ``size_bytes[b] = ceil(params * b / 8)`` (4-bit weights are packed
+two per byte) and ``bops[b] = macs * b * b`` (a layer at ``b`` bits has
+``b``-bit weights and a ``b``-bit input activation).  Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+COSTS = ("size", "bops", "latency")
+_COLUMN = {"size": "size_bytes", "bops": "bops", "latency": "latency"}
+
+
+def _per_bits(values: Mapping | None, bits: Sequence[int], what: str, layer: str, optional=False) -> dict | None:
+    if values is None:
+        if optional:
+            return None
+        raise ValueError(f"ILP table: layer {layer!r} has no {what}; give one value per width {list(bits)}.")
+    out = {int(b): float(v) for b, v in values.items()}
+    missing = [b for b in bits if b not in out]
+    if missing:
+        raise ValueError(
+            f"ILP table: layer {layer!r} has no {what} for {missing} bits; give one per width {list(bits)}."
+        )
+    bad = {b: out[b] for b in bits if not (math.isfinite(out[b]) and out[b] >= 0)}
+    if bad:
+        raise ValueError(f"ILP table: layer {layer!r} has {what} {bad}; values must be finite and >= 0.")
+    return {b: out[b] for b in bits}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRow:
+    """One weighted layer (see the module docstring)."""
+
+    name: str
+    params: int
+    sensitivity: float
+    delta_w: Mapping[int, float]
+    size_bytes: Mapping[int, float]
+    bops: Mapping[int, float]
+    latency: Mapping[int, float] | None = None
+
+    def cost(self, kind: str, bits: int) -> float:
+        column = getattr(self, _COLUMN[kind])
+        if column is None:
+            raise ValueError(
+                f"ILP table: layer {self.name!r} has no measured latency; measure the latency table before "
+                "asking for a latency budget."
+            )
+        return column[bits]
+
+    def objective(self, bits: int) -> float:
+        return self.sensitivity * self.delta_w[bits]
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """The rows in graph order, the candidate widths, ties and pins (see the module docstring)."""
+
+    layers: tuple[LayerRow, ...]
+    bits: tuple[int, ...] = (4, 8)
+    ties: tuple[tuple[str, ...], ...] = ()
+    pins: Mapping[str, int] | None = None
+
+    def __post_init__(self):
+        bits = tuple(sorted({int(b) for b in self.bits}))
+        if not bits or any(b < 2 for b in bits):
+            raise ValueError(f"ILP table: bits={list(self.bits)}; give the candidate widths, e.g. [4, 8].")
+        object.__setattr__(self, "bits", bits)
+        if not self.layers:
+            raise ValueError("ILP table: no layers.")
+        rows = []
+        for row in self.layers:
+            name = str(row.name)
+            if not (math.isfinite(row.sensitivity) and row.sensitivity >= 0):
+                raise ValueError(
+                    f"ILP table: layer {name!r} has sensitivity {row.sensitivity}; it must be finite and >= 0."
+                )
+            if int(row.params) <= 0:
+                raise ValueError(f"ILP table: layer {name!r} has params={row.params}; it must be positive.")
+            rows.append(
+                LayerRow(
+                    name=name,
+                    params=int(row.params),
+                    sensitivity=float(row.sensitivity),
+                    delta_w=_per_bits(row.delta_w, bits, "delta_w", name),
+                    size_bytes=_per_bits(row.size_bytes, bits, "size_bytes", name),
+                    bops=_per_bits(row.bops, bits, "bops", name),
+                    latency=_per_bits(row.latency, bits, "latency", name, optional=True),
+                )
+            )
+        object.__setattr__(self, "layers", tuple(rows))
+        names = [r.name for r in rows]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"ILP table: layer names {dup} appear more than once.")
+        known = set(names)
+        ties = tuple(tuple(str(n) for n in group) for group in self.ties)
+        for group in ties:
+            unknown = [n for n in group if n not in known]
+            if unknown:
+                raise ValueError(f"ILP table: tie group {list(group)} names unknown layer(s) {unknown}.")
+        object.__setattr__(self, "ties", ties)
+        if self.pins is not None:
+            pins = {str(n): int(b) for n, b in self.pins.items()}
+            unknown = sorted(set(pins) - known)
+            if unknown:
+                raise ValueError(f"ILP table: pins name unknown layer(s) {unknown}.")
+            bad = {n: b for n, b in pins.items() if b not in bits}
+            if bad:
+                raise ValueError(f"ILP table: pins {bad} use widths outside the candidates {list(bits)}.")
+            object.__setattr__(self, "pins", pins)
+        resolved = self.resolved_pins()
+        for group in self.groups():
+            pinned = {n: resolved[n] for n in group if n in resolved}
+            if len(set(pinned.values())) > 1:
+                raise ValueError(
+                    f"ILP table: layers {list(group)} are tied to one width but pinned to different widths "
+                    f"{pinned}; drop a pin or the tie."
+                )
+
+    # ------------------------------------------------------------ derived
+    @property
+    def reference_bits(self) -> int:
+        """The width whose all-layer cost budgets are fractions of (the widest, 8)."""
+        return self.bits[-1]
+
+    def row(self, name: str) -> LayerRow:
+        for r in self.layers:
+            if r.name == name:
+                return r
+        raise KeyError(f"ILP table: no layer {name!r}")
+
+    def resolved_pins(self) -> dict[str, int]:
+        if self.pins is not None:
+            return dict(self.pins)
+        first, last = self.layers[0].name, self.layers[-1].name
+        return {first: self.reference_bits, last: self.reference_bits}
+
+    def groups(self) -> list[tuple[str, ...]]:
+        """The layers partitioned into width-sharing groups (overlapping ties merged), in table order."""
+        parent = {r.name: r.name for r in self.layers}
+
+        def find(n):
+            while parent[n] != n:
+                parent[n] = parent[parent[n]]
+                n = parent[n]
+            return n
+
+        for group in self.ties:
+            for n in group[1:]:
+                parent[find(n)] = find(group[0])
+        out: dict[str, list[str]] = {}
+        for r in self.layers:
+            out.setdefault(find(r.name), []).append(r.name)
+        return [tuple(g) for g in out.values()]
+
+    def total(self, kind: str, assignment: Mapping[str, int]) -> float:
+        """The cost of ``kind`` (size, bops, latency) of a per-layer width assignment."""
+        return math.fsum(r.cost(kind, assignment[r.name]) for r in self.layers)
+
+    def reference_cost(self, kind: str) -> float:
+        return self.total(kind, {r.name: self.reference_bits for r in self.layers})
+
+    def objective(self, assignment: Mapping[str, int]) -> float:
+        return math.fsum(r.objective(assignment[r.name]) for r in self.layers)
+
+    # ------------------------------------------------------------ construction, JSON
+    @classmethod
+    def from_sensitivity(
+        cls,
+        records: Iterable,
+        latency: Mapping[str, Mapping[int, float]] | None = None,
+        bits: Sequence[int] = (4, 8),
+        ties: Sequence[Sequence[str]] = (),
+        pins: Mapping[str, int] | None = None,
+    ) -> Table:
+        """Rows from sensitivity records (``LayerSensitivity`` objects or their ``to_dict()``), in order.
+
+        A negative trace estimate is set to 0: the Gauss-Newton (KL) Hessian is
+        positive semi-definite, so a negative estimate is sampling noise.
+        """
+        rows = []
+        for rec in records.values() if isinstance(records, Mapping) else records:
+            d = rec.to_dict() if hasattr(rec, "to_dict") else dict(rec)
+            name, params, macs = d["name"], int(d["params"]), int(d["macs"])
+            rows.append(
+                LayerRow(
+                    name=name,
+                    params=params,
+                    sensitivity=max(0.0, float(d["trace"]) / params),
+                    delta_w=d["delta_w"],
+                    size_bytes={b: math.ceil(params * b / 8) for b in bits},
+                    bops={b: macs * b * b for b in bits},
+                    latency=None if latency is None else latency.get(name),
+                )
+            )
+        return cls(tuple(rows), tuple(bits), tuple(tuple(g) for g in ties), pins)
+
+    def to_dict(self) -> dict:
+        def col(m):
+            return None if m is None else {str(b): v for b, v in m.items()}
+
+        return {
+            "bits": list(self.bits),
+            "ties": [list(g) for g in self.ties],
+            "pins": self.pins,
+            "layers": [
+                {
+                    "name": r.name,
+                    "params": r.params,
+                    "sensitivity": r.sensitivity,
+                    "delta_w": col(r.delta_w),
+                    "size_bytes": col(r.size_bytes),
+                    "bops": col(r.bops),
+                    "latency": col(r.latency),
+                }
+                for r in self.layers
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Table:
+        try:
+            rows = tuple(LayerRow(**row) for row in d["layers"])
+            return cls(rows, tuple(d.get("bits", (4, 8))), tuple(tuple(g) for g in d.get("ties", ())), d.get("pins"))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"ILP table JSON is malformed ({type(exc).__name__}: {exc}).") from exc
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Table:
+        return cls.from_dict(json.loads(text))
