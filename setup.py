@@ -42,6 +42,9 @@ setup(
         # MiniLM weights ship as safetensors; its tokenizer as tokenizer.json
         "safetensors>=0.4",
         "tokenizers>=0.19",
+        # the CIFAR-10 loader decodes the shared JPEG zips; the ResNet-8 reference weights are Keras HDF5
+        "Pillow>=10",
+        "h5py>=3.8",
     ],
     extras_require={
         "test": [

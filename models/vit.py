@@ -16,6 +16,7 @@ The batch dimension stays dynamic under ``torch.onnx.export(dynamo=True)``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,17 +25,29 @@ from typing import Any
 import torch
 from torch import nn
 
-_PRESETS = {
-    # name: (embed_dim, depth, heads)
-    "deit_tiny": (192, 12, 3),
-    "deit_small": (384, 12, 6),
-    "deit_base": (768, 12, 12),
+_PRESETS: dict[str, dict[str, Any]] = {
+    "deit_tiny": {"embed_dim": 192, "depth": 12, "heads": 3},
+    "deit_small": {"embed_dim": 384, "depth": 12, "heads": 6},
+    "deit_base": {"embed_dim": 768, "depth": 12, "heads": 12},
+    # Small enough to train on one CPU core in about half an hour (benchmarks/train_cifar_vit.py).
+    "vit_cifar": {
+        "embed_dim": 96,
+        "depth": 4,
+        "heads": 3,
+        "mlp_ratio": 2.0,
+        "img_size": 32,
+        "patch": 4,
+        "num_classes": 10,
+    },
 }
 
 
 @dataclass(frozen=True)
 class ViTConfig:
-    """Sizes of a ViT; ``ViTConfig.deit_tiny()`` etc. give the DeiT presets (224x224, patch 16, 1000 classes)."""
+    """Sizes of a ViT; ``ViTConfig.deit_tiny()`` etc. give the DeiT presets (224x224, patch 16, 1000 classes).
+
+    ``ViTConfig.vit_cifar()`` is the small CIFAR-10 model trained here (see ``load_cifar_vit``).
+    """
 
     embed_dim: int = 192
     depth: int = 12
@@ -85,11 +98,10 @@ class ViTConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ViTConfig:
-        """A named preset (``deit_tiny``, ``deit_small``, ``deit_base``) with fields overridden."""
+        """A named preset (``deit_tiny``, ``deit_small``, ``deit_base``, ``vit_cifar``) with fields overridden."""
         if name not in _PRESETS:
             raise ValueError(f"Unknown ViT preset {name!r}; choose one of {sorted(_PRESETS)}.")
-        embed_dim, depth, heads = _PRESETS[name]
-        return cls(**{"embed_dim": embed_dim, "depth": depth, "heads": heads, **overrides})
+        return cls(**{**_PRESETS[name], **overrides})
 
     @classmethod
     def deit_tiny(cls, **overrides: Any) -> ViTConfig:
@@ -102,6 +114,11 @@ class ViTConfig:
     @classmethod
     def deit_base(cls, **overrides: Any) -> ViTConfig:
         return cls.preset("deit_base", **overrides)
+
+    @classmethod
+    def vit_cifar(cls, **overrides: Any) -> ViTConfig:
+        """DeiT-like ViT for CIFAR-10: 32x32 input, patch 4 (64 tokens + class token), dim 96, depth 4, 3 heads."""
+        return cls.preset("vit_cifar", **overrides)
 
 
 class PatchEmbed(nn.Module):
@@ -240,3 +257,26 @@ def load_vit_state_dict(model: VisionTransformer, path: str | Path) -> VisionTra
         raise ValueError(f"{path} has tensors of the wrong shape for VisionTransformer({model.config}): {mismatched}.")
     model.load_state_dict(state, strict=True)
     return model
+
+
+CIFAR_VIT_PATH = Path(__file__).resolve().parent / "data" / "vit_cifar10.safetensors"
+"""Weights of ``ViTConfig.vit_cifar()`` trained on CIFAR-10 by ``benchmarks/train_cifar_vit.py``."""
+
+
+def load_cifar_vit(path: str | Path | None = None) -> VisionTransformer:
+    """The shipped CIFAR-10 ViT (eval mode), or the one at ``path``; its config is read from the ``.json`` beside it.
+
+    Inputs are ``intq.models.cifar10.to_nchw(images, normalize=True)``:
+    ``(x / 255 - mean) / std`` with the CIFAR-10 statistics, NCHW float32.
+    The JSON also records the recipe, the training time and the full test
+    set accuracy (``test_acc``).
+    """
+    path = Path(path) if path is not None else CIFAR_VIT_PATH
+    record_path = path.with_suffix(".json")
+    if not record_path.is_file():
+        raise FileNotFoundError(
+            f"{record_path} (the config of {path.name}) does not exist; "
+            "train the model with `python benchmarks/train_cifar_vit.py --minutes 35`."
+        )
+    config = ViTConfig.from_dict(json.loads(record_path.read_text())["config"])
+    return load_vit_state_dict(VisionTransformer(config), path).eval()

@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from intq.models.vit import VisionTransformer, ViTConfig, load_vit_state_dict
+from intq.models.cifar10 import load_cifar10, to_nchw
+from intq.models.vit import CIFAR_VIT_PATH, VisionTransformer, ViTConfig, load_cifar_vit, load_vit_state_dict
 
 SMALL = ViTConfig.deit_tiny(img_size=32, patch=4, num_classes=10, depth=2)
 
@@ -118,3 +123,30 @@ def test_load_state_dict_names_missing_and_unexpected_keys(tmp_path):
         load_vit_state_dict(seven_classes, good)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_vit_state_dict(seven_classes, tmp_path / "absent.pth")
+
+
+def test_vit_cifar_preset():
+    config = ViTConfig.vit_cifar()
+    assert (config.img_size, config.patch, config.num_patches, config.num_classes) == (32, 4, 64, 10)
+    assert ViTConfig.preset("vit_cifar", depth=2) == ViTConfig.vit_cifar(depth=2) != config
+    model = VisionTransformer(config)
+    assert model.pos_embed.shape == (1, 65, config.embed_dim)  # 64 patch tokens + the class token
+
+
+def test_shipped_cifar_vit_reaches_its_recorded_accuracy():
+    record = json.loads(CIFAR_VIT_PATH.with_suffix(".json").read_text())
+    assert CIFAR_VIT_PATH.stat().st_size < 5_000_000
+    assert hashlib.sha256(CIFAR_VIT_PATH.read_bytes()).hexdigest() == record["sha256"]
+    assert record["config"] == ViTConfig.vit_cifar().to_dict() and record["test_images"] == 10_000
+    model = load_cifar_vit()
+    assert sum(p.numel() for p in model.parameters()) == record["parameters"]
+    # The first 1,000 test images (100 per class).  Were they a random sample of the full set, their accuracy
+    # would have standard deviation sqrt(p (1 - p) / 1000) around the full-set figure p the training recorded;
+    # 4 sigma (about 6 points) is the tolerance.
+    images, labels = load_cifar10("test", limit=1000)
+    with torch.no_grad():
+        top1 = float((model(to_nchw(images, normalize=True)).argmax(1).numpy() == labels).mean())
+    p = record["test_acc"]
+    sigma = math.sqrt(p * (1 - p) / 1000)
+    assert abs(top1 - p) <= 4 * sigma, f"top-1 {top1:.4f} on 1,000 test images, recorded {p:.4f} on 10,000"
+    assert top1 > 0.5, f"top-1 {top1:.4f}: the shipped ViT should be far above chance (10%)"
