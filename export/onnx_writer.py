@@ -5,7 +5,9 @@
 - ``IntegerOp`` modules become nodes of the ``intq`` domain whose
   definitions ship in the model as ONNX functions (so onnxruntime runs the
   file as is and Netron shows each op as one box), their constant inputs as
-  initializers named ``<layer>.<param>``;
+  initializers named ``<layer>.<param>`` (a 4-bit param: a packed INT4
+  initializer ``<layer>.<param>.int4`` and a ``Cast`` to INT8 in the main
+  graph, see ``quantizer.ops.onnx_fn.param_inputs``);
 - ``Quantize`` / ``Dequantize`` become ``QuantizeLinear`` /
   ``DequantizeLinear``, the only float ops, at the graph's edges.
 
@@ -26,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from intq.export.onnx_reader import OnnxOp
 from intq.quantizer.ops.base import INTQ_DOMAIN, ONNX_OPSET, IntegerOp
 from intq.quantizer.ops.boundary import Dequantize, Quantize
+from intq.quantizer.ops.onnx_fn import param_inputs
 
 IR_VERSION = 10
 
@@ -103,11 +106,9 @@ def write_onnx(
             elif isinstance(mod, IntegerOp):
                 fn = mod.function_proto()
                 functions.setdefault(fn.name, fn)
-                param_names = []
-                for pname, value in mod.params().items():
-                    init_name = f"{node.target}.{pname}"
-                    inits[init_name] = numpy_helper.from_array(np.array(value, order="C"), name=init_name)
-                    param_names.append(init_name)
+                param_inits, unpack, param_names = param_inputs(mod, prefix=f"{node.target}.")
+                inits.update((t.name, t) for t in param_inits)
+                nodes.extend(unpack)
                 data = [name_of(a) for a in node.args]
                 nodes.append(helper.make_node(fn.name, data + param_names, [out], name=node.target, domain=INTQ_DOMAIN))
             elif isinstance(mod, Quantize):

@@ -13,6 +13,7 @@ input, not from a quantizer.
 from __future__ import annotations
 
 import onnx
+import onnx.inliner  # a submodule: `import onnx` alone does not load it
 from onnx import TensorProto
 
 FLOAT_TYPES = {
@@ -22,6 +23,8 @@ FLOAT_TYPES = {
     TensorProto.BFLOAT16,
 }
 INTEGER_TYPES = {
+    TensorProto.INT4,  # packed 4-bit weights, cast to int8 before use
+    TensorProto.UINT4,
     TensorProto.INT8,
     TensorProto.UINT8,
     TensorProto.INT16,

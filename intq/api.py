@@ -48,7 +48,7 @@ def quantize(model, calib_data, config: QuantConfig | None = None, progress: boo
         ) from exc
     int_gm, layers, out_meta = convert(gm, observers, config)
     outputs = [dict(o, **m) for o, m in zip(gm.meta["outputs"], out_meta, strict=False)]
-    return QuantizedModel(int_gm, inputs, outputs, layers, config, batches[0], float_graph=gm)
+    return QuantizedModel(int_gm, inputs, outputs, layers, config, batches[0], float_graph=gm, observers=observers)
 
 
 def _onnx_node_note(exc: BaseException) -> str | None:

@@ -94,4 +94,44 @@ class FLayerNorm(torch.nn.Module):
         return F.layer_norm(x, (x.shape[-1],), self.gamma, self.beta, self.eps)
 
 
-CANONICAL_TYPES = (FLinear, FConv2d, FMatMul, FScale, FAdd, FSoftmax, FGelu, FLayerNorm)
+class FClamp(torch.nn.Module):
+    """``clamp(x, lo, hi)`` with constant bounds (``-inf`` / ``inf`` where absent): Relu, ReLU6, Clip."""
+
+    def __init__(self, lo: float = -math.inf, hi: float = math.inf):
+        super().__init__()
+        self.lo, self.hi = float(lo), float(hi)
+
+    def forward(self, x):
+        return torch.clamp(x, self.lo, self.hi)
+
+    def extra_repr(self) -> str:
+        return f"lo={self.lo}, hi={self.hi}"
+
+
+class FAvgPool(torch.nn.Module):
+    """2-D average pooling of NCHW, the divisor always ``kh * kw`` (count_include_pad).
+
+    ``kernel`` None is global pooling (the whole ``H x W``, keeping the two
+    axes as 1 x 1); otherwise the input is zero-padded by ``pads = (top,
+    left, bottom, right)`` and windows of ``kernel`` step by ``stride``.
+    """
+
+    def __init__(self, kernel=None, stride=None, pads=(0, 0, 0, 0)):
+        super().__init__()
+        self.kernel = None if kernel is None else tuple(int(k) for k in kernel)
+        self.stride = None if kernel is None else tuple(int(v) for v in (stride or kernel))
+        self.pads = tuple(int(p) for p in pads)
+
+    def forward(self, x):
+        if self.kernel is None:
+            return x.mean(dim=(2, 3), keepdim=True)
+        top, left, bottom, right = self.pads
+        if any(self.pads):
+            x = F.pad(x, (left, right, top, bottom))
+        return F.avg_pool2d(x, self.kernel, self.stride)
+
+    def extra_repr(self) -> str:
+        return "global" if self.kernel is None else f"kernel={self.kernel}, stride={self.stride}, pads={self.pads}"
+
+
+CANONICAL_TYPES = (FLinear, FConv2d, FMatMul, FScale, FAdd, FSoftmax, FGelu, FLayerNorm, FClamp, FAvgPool)

@@ -19,15 +19,31 @@ Rules, applied in this order (each rewrites every match and reports a count):
 5. ``linear``: ``MatMul(x, W const 2-D)`` with an optional following ``Add``
    of a constant ``[N]`` bias, and ``Gemm`` → ``FLinear``.
 6. ``conv``: ``Conv`` with a constant weight (2-D) → ``FConv2d``.
-7. ``matmul``: ``MatMul`` of two activations → ``FMatMul``.
-8. ``scale``: ``Mul``/``Div`` of a float activation by a positive scalar
-   constant → ``FScale``.
-9. ``softmax``: ``Softmax`` over the last axis → ``FSoftmax``.
-10. ``add``: ``Add`` of two float tensors → ``FAdd``.
+7. ``fold_pad``: a constant-zero ``Pad`` of H and W only (any asymmetric,
+   non-negative pads, e.g. TF "same": one extra row/column at the bottom/
+   right) whose only user is an ``FConv2d`` → added to the conv's pads.
+8. ``batch_norm``: inference ``BatchNormalization`` with constant
+   parameters whose input is an ``FConv2d`` used only by it → folded into
+   the conv: with ``k = gamma / sqrt(var + eps)``, ``W' = W * k[o]``,
+   ``b' = (b - mean) * k + beta`` (float64, stored float32).
+9. ``clamp``: ``Relu``, ``Clip`` with constant (or absent) bounds (ReLU6)
+   → ``FClamp(lo, hi)``; a clamp that only feeds another is merged into it.
+10. ``avg_pool``: ``AveragePool`` (2-D, ``count_include_pad=1`` or no
+    padding, no dilation, ``ceil_mode=0``), ``GlobalAveragePool`` and
+    ``ReduceMean`` over axes (2, 3) of a 4-D tensor → ``FAvgPool``
+    (``kernel=None``: global; ``keepdims=0`` adds a ``Squeeze`` of axes 2, 3).
+    ``MaxPool`` stays an ONNX op (the converter copies it onto the integers).
+11. ``matmul``: ``MatMul`` of two activations → ``FMatMul``.
+12. ``scale``: ``Mul``/``Div`` of a float activation by a positive scalar
+    constant → ``FScale``.
+13. ``softmax``: ``Softmax`` over the last axis → ``FSoftmax``.
+14. ``add``: ``Add`` of two float tensors → ``FAdd``.
 
 A rule leaves the graph unchanged where its guard fails (a non-constant
 weight, a softmax over another axis); the converter then reports the node as
-unsupported, by name.
+unsupported, by name.  Where the reason is worth telling the user (an
+``AveragePool`` that does not count its padding), the rule records it in the
+node's ``meta["refused"]`` and the converter's error quotes it.
 """
 
 from __future__ import annotations
@@ -37,9 +53,21 @@ import operator
 
 import torch
 import torch.fx as fx
+from onnx import helper
 
 from intq.export.onnx_reader import OnnxOp
-from intq.quantizer.canonical import FAdd, FConv2d, FGelu, FLayerNorm, FLinear, FMatMul, FScale, FSoftmax
+from intq.quantizer.canonical import (
+    FAdd,
+    FAvgPool,
+    FClamp,
+    FConv2d,
+    FGelu,
+    FLayerNorm,
+    FLinear,
+    FMatMul,
+    FScale,
+    FSoftmax,
+)
 
 # ---------------------------------------------------------------- graph helpers
 
@@ -417,6 +445,166 @@ def conv(gm) -> int:
     return count
 
 
+def _module(gm, node, cls):
+    """The module behind ``node`` if it is a ``cls`` (a canonical op), else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_module":
+        return None
+    mod = gm.get_submodule(node.target)
+    return mod if isinstance(mod, cls) else None
+
+
+def _refuse(node, reason: str) -> None:
+    node.meta["refused"] = reason
+
+
+def fold_pad(gm) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        op = onnx_op(gm, node, "Pad")
+        user = only_user(node) if op is not None else None
+        conv_mod = _module(gm, user, FConv2d)
+        if conv_mod is None or user.args[0] is not node or op.attrs.get("mode", "constant") != "constant":
+            continue
+        pads = const_value(gm, node.args[1]) if len(node.args) > 1 else None
+        value = node.args[2] if len(node.args) > 2 else None
+        axes = node.args[3] if len(node.args) > 3 else None
+        if pads is None or rank(node.args[0]) != 4 or (value is not None and scalar_const(gm, value) != 0.0):
+            continue
+        pads = [int(p) for p in pads.reshape(-1).tolist()]
+        axes_value = torch.arange(4) if axes is None else const_value(gm, axes)
+        if axes_value is None:
+            continue
+        axes = [int(a) % 4 for a in axes_value.reshape(-1).tolist()]
+        per_axis = {a: (pads[i], pads[i + len(axes)]) for i, a in enumerate(axes)}
+        if any(per_axis.get(a, (0, 0)) != (0, 0) for a in (0, 1)) or any(p < 0 for p in pads):
+            continue  # pads the batch or channels, or crops: not a convolution's padding
+        (top, bottom), (left, right) = per_axis.get(2, (0, 0)), per_axis.get(3, (0, 0))
+        t, le, b, r = conv_mod.pads
+        conv_mod.pads = (t + top, le + left, b + bottom, r + right)
+        user.args = (node.args[0],) + tuple(user.args[1:])
+        count += 1
+    remove_dead(gm)
+    return count
+
+
+def batch_norm(gm) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        op = onnx_op(gm, node, "BatchNormalization")
+        if op is None:
+            continue
+        conv_node = node.args[0]
+        conv_mod = _module(gm, conv_node, FConv2d)
+        params = [const_value(gm, a) for a in node.args[1:5]]
+        if conv_mod is None or len(conv_node.users) != 1 or any(p is None for p in params):
+            continue
+        if op.attrs.get("training_mode", 0) or len([o for o in op.output_names if o]) != 1:
+            continue
+        gamma, beta, mean, var = (p.double().reshape(-1) for p in params)
+        k = gamma / torch.sqrt(var + float(op.attrs.get("epsilon", 1e-5)))
+        w = conv_mod.weight.double() * k.reshape(-1, 1, 1, 1)
+        b = torch.zeros_like(mean) if conv_mod.bias is None else conv_mod.bias.double()
+        conv_mod.weight = w.to(torch.float32).contiguous()
+        conv_mod.bias = ((b - mean) * k + beta).to(torch.float32)
+        node.replace_all_uses_with(conv_node)
+        count += 1
+    remove_dead(gm)
+    return count
+
+
+def clamp(gm) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        op = onnx_op(gm, node, ("Relu", "Clip"))
+        if op is None or not is_float(node):
+            continue
+        lo, hi = (0.0, math.inf) if op.op_type == "Relu" else (-math.inf, math.inf)
+        if op.op_type == "Clip":
+            bounds = []
+            for k, default in ((1, -math.inf), (2, math.inf)):
+                arg = node.args[k] if len(node.args) > k else None
+                bounds.append(default if arg is None else scalar_const(gm, arg))
+            if None in bounds:
+                continue
+            lo, hi = bounds
+        x = node.args[0]
+        inner = _module(gm, x, FClamp)
+        if inner is not None and len(x.users) == 1 and max(lo, inner.lo) <= min(hi, inner.hi):
+            lo, hi, x = max(lo, inner.lo), min(hi, inner.hi), x.args[0]  # overlapping clamps: one clamp
+        replace_with_module(gm, node, FClamp(lo, hi), (x,), node.name)
+        count += 1
+    remove_dead(gm)
+    return count
+
+
+def _avg_pool_window(op, node) -> tuple[list[int], list[int], list[int]] | str:
+    """``(kernel, strides, pads as (t, l, b, r))`` of a 2-D AveragePool, or why it is not supported."""
+    kernel = list(op.attrs.get("kernel_shape", []))
+    if rank(node.args[0]) != 4 or len(kernel) != 2:
+        return "only 2-D average pooling of NCHW tensors is supported"
+    if op.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        return f"auto_pad={op.attrs['auto_pad']}: export the model with explicit pads"
+    if op.attrs.get("ceil_mode", 0):
+        return "ceil_mode=1 (partial windows at the edge): export with ceil_mode=0"
+    if any(d != 1 for d in op.attrs.get("dilations", [1, 1])):
+        return "dilated average pooling is not supported"
+    pads = list(op.attrs.get("pads", [0, 0, 0, 0])) if op.attrs.get("auto_pad", "NOTSET") == "NOTSET" else [0] * 4
+    if any(pads) and not op.attrs.get("count_include_pad", 0):
+        return (
+            "count_include_pad=0 with padding divides edge windows by their own cell counts, which an integer "
+            "window sum with one dyadic scale cannot do; use count_include_pad=True (or no padding)"
+        )
+    return kernel, list(op.attrs.get("strides", [1, 1])), pads
+
+
+def avg_pool(gm) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        op = onnx_op(gm, node, ("AveragePool", "GlobalAveragePool", "ReduceMean"))
+        if op is None or not is_float(node):
+            continue
+        x, squeeze = node.args[0], False
+        if op.op_type == "AveragePool":
+            window = _avg_pool_window(op, node)
+            if isinstance(window, str):
+                _refuse(node, window)
+                continue
+            mod = FAvgPool(*window)
+        elif op.op_type == "GlobalAveragePool":
+            if rank(x) != 4:
+                continue
+            mod = FAvgPool()
+        else:
+            axes = _reduce_axes(gm, node, op)
+            if rank(x) != 4 or axes is None or sorted(a % 4 for a in axes) != [2, 3]:
+                continue
+            mod, squeeze = FAvgPool(), not op.attrs.get("keepdims", 1)
+        new = replace_with_module(gm, node, mod, (x,), node.name)
+        if squeeze:
+            _squeeze_spatial(gm, new)
+        count += 1
+    remove_dead(gm)
+    return count
+
+
+def _squeeze_spatial(gm, node: fx.Node) -> fx.Node:
+    """Insert ``Squeeze(node, axes=[2, 3])`` (an ONNX op) after ``node`` and route its users to it."""
+    axes = add_constant(gm, torch.tensor([2, 3], dtype=torch.int64), f"{node.name}_squeeze_axes")
+    name = f"{node.name}_squeeze"
+    squeeze = OnnxOp(helper.make_node("Squeeze", [node.name, axes], [name], name=name), gm.meta.get("opset", 21))
+    target = _Namer(gm).add(name, squeeze)
+    users = list(node.users)
+    with gm.graph.inserting_after(node):
+        axes_node = gm.graph.get_attr(axes)
+    with gm.graph.inserting_after(axes_node):
+        new = gm.graph.call_module(target, (node, axes_node))
+    for u in users:
+        u.replace_input_with(node, new)
+    new.meta = {k: v for k, v in node.meta.items() if k not in ("shape",)}
+    new.meta["onnx_name"] = name
+    return new
+
+
 def matmul(gm) -> int:
     count = 0
     for node in list(gm.graph.nodes):
@@ -476,7 +664,22 @@ def add(gm) -> int:
     return count
 
 
-RULES = (drop_identity, fold_constants, layer_norm, gelu, linear, conv, matmul, scale, softmax, add)
+RULES = (
+    drop_identity,
+    fold_constants,
+    layer_norm,
+    gelu,
+    linear,
+    conv,
+    fold_pad,
+    batch_norm,
+    clamp,
+    avg_pool,
+    matmul,
+    scale,
+    softmax,
+    add,
+)
 
 
 def canonicalize(gm: fx.GraphModule, example_inputs) -> dict[str, int]:

@@ -2,7 +2,9 @@
 
 Every value of the integer graph has a *kind* and a real-valued *scale*:
 
-- ``a8``: int8 activation, per-tensor scale ``S`` (value ~= q * S);
+- ``a8``: an activation in an int8 tensor, per-tensor scale ``S`` (value ~=
+  q * S), its integers inside a range ``[lo, hi]`` (``base.activation_range``:
+  ``[-128, 127]``, ``[-8, 7]``, unsigned ``[0, 15]`` / ``[0, 127]``);
 - ``r16``: int16 residual stream, per-tensor scale;
 - ``acc``: int32 accumulator, per-tensor scale or a vector along the last
   axis (a linear layer's ``S_x * S_w[c]``), only fed to Shiftmax, a
@@ -14,39 +16,72 @@ Every value of the integer graph has a *kind* and a real-valued *scale*:
 Rules (float op -> integer op, output kind):
 
 =============  ==========================================  ===========
-FLinear        IntLinear (IntLinearAcc if it feeds only    a8 (acc)
-               the graph outputs)
+FLinear        IntLinear (IntLinearAcc if it feeds only    a8 (acc,
+               the graph outputs, IntLinear16 if only      r16)
+               residual adds)
 FConv2d        IntConv2d                                   a8
+FClamp         fused into its producer's requantize        a8
+               (conv, linear, residual add, requantize)
+               as the clamp range; else ONNX Clip on int8
+FAvgPool       depthwise IntConv2d, all-ones weights,      a8
+               ratio S_in / (S_out * kh * kw)
+MaxPool        the same ONNX op on the int8 tensor         unchanged
 FMatMul        IntMatMul (IntMatMulAcc when a softmax,     a8 (acc)
                through scalings, consumes it)
 FScale         none: the scale absorbs the factor          unchanged
 FSoftmax       Shiftmax                                    a8, 1/128
 FGelu          ShiftGELU                                   a8
 FLayerNorm     ILayerNorm                                  a8
-FAdd           IntAdd                                      r16
+FAdd           IntAdd; a 4-D add whose only user is a      r16 (a8)
+               clamp (HAWQV3 residual + ReLU): IntAdd
+               with the clamp's range, int8
+Concat         inputs requantized to one scale and range   a8
 movement ops   the same ONNX op on the integers            unchanged
 =============  ==========================================  ===========
 
-Activation scales come from the observers: ``S = clip / 127`` for int8,
-``clip / 32767`` for the int16 residual stream.  Weights are symmetric per
-output channel, ``S_w[c] = max|W[c]| / 127``; bias is int32 at ``S_x *
-S_w[c]``.  Any other float op on a quantized value is unsupported; all of
-them are reported together, by ONNX node name and op type.
+Bits.  Each weighted layer (FConv2d, FLinear) gets ``config.bits_for`` its
+ONNX node name (the first and last in graph order count as first/last): its
+weights are symmetric per output channel, ``S_w[c] = max|W[c]| / q_w``
+with ``q_w = 2**(b-1) - 1`` (127; 7 for 4-bit weights, stored packed as
+INT4), bias int32 at ``S_x * S_w[c]``.  An activation's width is chosen by
+looking ahead: the largest width among the weighted layers it feeds,
+through clamps, pooling, adds, concatenations and movement ops; 8 when it
+feeds none.  Its range is signed, or unsigned where a fused clamp has
+``lo >= 0``; its scale is ``S = clip / hi`` with ``clip`` the calibrated
+clip of the value (after the clamp, for a fused one) or a caller's
+override (``clips``, from QAT).  The residual stream keeps ``clip / 32767``.
+
+Any other float op on a quantized value is unsupported; all of them are
+reported together, by ONNX node name and op type.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from typing import Any
 
 import numpy as np
 import torch
 import torch.fx as fx
+from onnx import helper
 
 from intq.export.onnx_reader import OnnxOp
-from intq.quantizer.canonical import FAdd, FConv2d, FGelu, FLayerNorm, FLinear, FMatMul, FScale, FSoftmax
+from intq.quantizer.canonical import (
+    FAdd,
+    FAvgPool,
+    FClamp,
+    FConv2d,
+    FGelu,
+    FLayerNorm,
+    FLinear,
+    FMatMul,
+    FScale,
+    FSoftmax,
+)
 from intq.quantizer.ops.add import IntAdd
+from intq.quantizer.ops.base import ONNX_OPSET, activation_range
 from intq.quantizer.ops.boundary import Dequantize, Quantize
 from intq.quantizer.ops.conv import IntConv2d
 from intq.quantizer.ops.layernorm import ILayerNorm
@@ -57,6 +92,7 @@ from intq.quantizer.ops.shiftgelu import ShiftGELU
 from intq.quantizer.ops.shiftmax import Shiftmax
 
 Q8, Q16 = 127, 32767
+INT8_RANGE, INT16_RANGE = (-128, 127), (-32768, 32767)
 
 # ONNX ops that move or select integers without arithmetic; value = data input index
 MOVEMENT = {
@@ -71,13 +107,18 @@ MOVEMENT = {
     "Split",
     "Identity",
     "Tile",
+    "Pad",
 }
 SHAPE_OF = {"Shape", "Size"}
 QUANTIZED = ("a8", "r16", "acc")
+WEIGHTED = (FConv2d, FLinear)
+# float ops an activation's width is looked up through (they pass their input's integers on)
+PASS_THROUGH = (FClamp, FAvgPool, FAdd, FScale)
+PASS_THROUGH_ONNX = MOVEMENT | {"MaxPool", "Concat"}
 
 
 class UnsupportedModelError(ValueError):
-    """The model contains operators that intq cannot run in integers."""
+    """The model contains operators that intq cannot run in integer arithmetic."""
 
 
 @dataclasses.dataclass
@@ -88,6 +129,8 @@ class QVal:
     const: torch.Tensor | None = None
     replay: list = dataclasses.field(default_factory=list)  # for cchain: [(module name, args with None for data)]
     replay_base: torch.Tensor | None = None  # for cchain: the constant before the replayed ops
+    lo: int = -128  # a8: the integer range the values lie in
+    hi: int = 127
 
     @property
     def quantized(self) -> bool:
@@ -100,32 +143,133 @@ class QVal:
 
 @dataclasses.dataclass
 class LayerRecord:
+    """One integer op of the converted graph.
+
+    ``bits``: a weighted layer's width (weights and input); for the other
+    ops the width of the activation they produce (16 for the residual
+    stream).  ``out_range``: the output's integer range, None for a raw
+    accumulator.
+    """
+
     name: str
     op: str
     source: str
     bits: int
     in_scale: Any = None
     out_scale: Any = None
+    out_range: tuple[int, int] | None = None
 
 
 class Converter:
-    def __init__(self, gm: fx.GraphModule, observers, config):
+    def __init__(self, gm: fx.GraphModule, observers, config, clips: dict[str, float] | None = None):
         self.src = gm
         self.obs = observers
         self.config = config
+        self.clips = dict(clips or {})
         self.root = torch.nn.Module()
         self.graph = fx.Graph()
         self.env: dict[fx.Node, QVal] = {}
         self.unsupported: list[tuple[str, str, str]] = []
         self.layers: list[LayerRecord] = []
         self.output_meta: list[dict] = []
+        self.sites: dict[str, dict] = {}  # fx node name -> the clip and integer range its activation got
+        self.fused: set[fx.Node] = set()  # clamps folded into their producer
+        self.layer_bits = self.plan_layer_bits()
+        self.need = self.plan_activation_bits()
+
+    # ------------------------------------------------------------ bits
+    def plan_layer_bits(self) -> dict[fx.Node, int]:
+        """Each weighted layer's width (``QuantConfig.bits_for``); unknown ``layer_bits`` names are refused."""
+        weighted = [n for n in self.src.graph.nodes if self._is(n, WEIGHTED)]
+        names = {self.source_name(n): n for n in weighted}
+        unknown = sorted(set(self.config.layer_bits) - set(names))
+        if unknown:
+            raise ValueError(
+                f"layer_bits names {unknown} are not weighted layers of this model; its conv/linear layers are "
+                f"{sorted(names)} (ONNX node names)."
+            )
+        ends = {weighted[0], weighted[-1]} if weighted else set()
+        return {n: self.config.bits_for(self.source_name(n), n in ends) for n in weighted}
+
+    def plan_activation_bits(self) -> dict[fx.Node, int | None]:
+        """Per node, the largest width among the weighted layers its value reaches (None: none)."""
+        need: dict[fx.Node, int | None] = {}
+        for node in reversed(list(self.src.graph.nodes)):
+            widths = []
+            for user in node.users:
+                if user in self.layer_bits:
+                    widths.append(self.layer_bits[user])
+                elif self._passes_width(user):
+                    widths.append(need.get(user))
+            known = [w for w in widths if w is not None]
+            need[node] = max(known) if known else None
+        return need
+
+    def _passes_width(self, node: fx.Node) -> bool:
+        if node.op == "call_function":
+            return node.target is operator.getitem
+        if node.op != "call_module":
+            return False
+        mod = self.src.get_submodule(node.target)
+        return isinstance(mod, PASS_THROUGH) or (isinstance(mod, OnnxOp) and mod.op_type in PASS_THROUGH_ONNX)
+
+    def bits_of(self, node: fx.Node) -> int:
+        """The width of ``node``'s value as an activation (8 when it feeds no weighted layer)."""
+        return self.need.get(node) or 8
+
+    def _is(self, node, cls) -> bool:
+        return node.op == "call_module" and isinstance(self.src.get_submodule(node.target), cls)
 
     # ------------------------------------------------------------ helpers
-    def clip(self, node: fx.Node) -> float:
+    def clip(self, node: fx.Node, qmax: int = Q8) -> float:
+        if node.name in self.clips:
+            return float(self.clips[node.name])
         ob = self.obs.get(node.name)
         if ob is None:
             raise UnsupportedModelError(f"internal: no calibration statistics for node {node.name!r}")
-        return ob.clip(self.config.calibration.value, Q8, self.config.percentile)
+        return ob.clip(self.config.calibration.value, qmax, self.config.percentile)
+
+    def act_scale(self, node: fx.Node, lo: int, hi: int) -> float:
+        """``clip / hi`` for ``node``'s value quantized into ``[lo, hi]``; recorded as a quantization site."""
+        c = self.clip(node, hi)
+        self.sites[node.name] = {"clip": c, "qmin": int(lo), "qmax": int(hi)}
+        return c / hi
+
+    def out_range(self, node: fx.Node, clamp: FClamp | None = None) -> tuple[int, int]:
+        """The integer range of ``node``'s value: its width, unsigned when a clamp keeps it >= 0."""
+        return activation_range(self.bits_of(node), clamp is not None and clamp.lo >= 0)
+
+    def clamp_bounds(self, clamp: FClamp, scale: float, lo: int, hi: int) -> tuple[int, int]:
+        """``[lo, hi]`` narrowed to the clamp's float bounds on the grid ``scale`` (rounded to nearest)."""
+        qlo = lo if clamp.lo == -math.inf else max(lo, math.floor(clamp.lo / scale + 0.5))
+        qhi = hi if clamp.hi == math.inf else min(hi, math.floor(clamp.hi / scale + 0.5))
+        return qlo, qhi
+
+    def fusable_clamp(self, node: fx.Node) -> tuple[fx.Node, FClamp] | None:
+        """The clamp that is ``node``'s only user, to fold into ``node``'s requantize.
+
+        Not when the clamp's bounds leave no two integers apart (a clamp to a
+        constant): the clamp then runs on its own.
+        """
+        users = list(node.users)
+        if len(users) != 1 or not self._is(users[0], FClamp):
+            return None
+        clamp = self.src.get_submodule(users[0].target)
+        return (users[0], clamp) if clamp.lo < clamp.hi and clamp.hi > 0 and clamp.lo < self.clip(users[0]) else None
+
+    def requant_target(self, node: fx.Node) -> tuple[float, int, int]:
+        """``(scale, qmin, qmax)`` of the requantize that ends ``node``, with its only-user clamp folded in."""
+        fused = self.fusable_clamp(node)
+        if fused is None:
+            lo, hi = self.out_range(node)
+            return self.act_scale(node, lo, hi), lo, hi
+        clamp_node, clamp = fused
+        lo, hi = self.out_range(clamp_node, clamp)
+        scale = self.act_scale(clamp_node, lo, hi)
+        qlo, qhi = self.clamp_bounds(clamp, scale, lo, hi)
+        self.fused.add(clamp_node)
+        self.sites[clamp_node.name].update(qmin=qlo, qmax=qhi)
+        return scale, qlo, qhi
 
     def module(self, hint: str, mod: torch.nn.Module, args, name_hint=None) -> fx.Node:
         base = "".join(c if c.isalnum() else "_" for c in hint).strip("_") or "op"
@@ -145,6 +289,16 @@ class Converter:
         self.root.register_buffer(name, value)
         return self.graph.get_attr(name)
 
+    def int8_clip(self, qv: QVal, lo: int, hi: int, hint: str) -> QVal:
+        """A standard ONNX ``Clip`` of an int8 value to ``[lo, hi]`` (scale unchanged)."""
+        lo_node = self.buffer(hint + "_min", torch.tensor(lo, dtype=torch.int8))
+        hi_node = self.buffer(hint + "_max", torch.tensor(hi, dtype=torch.int8))
+        name = "".join(c if c.isalnum() else "_" for c in hint).strip("_")
+        op = OnnxOp(helper.make_node("Clip", ["x", "min", "max"], [name], name=name), ONNX_OPSET)
+        node = self.module(hint, op, (qv.node, lo_node, hi_node))
+        op.onnx_name = node.target
+        return dataclasses.replace(qv, node=node, lo=lo, hi=hi)
+
     def channel_scale(self, node: fx.Node) -> np.ndarray:
         """One int8 scale per last-axis channel (LayerNorm outputs: a few channels carry outliers)."""
         ob = self.obs.get(node.name)
@@ -157,11 +311,14 @@ class Converter:
         """The ONNX node this value came from (its output's name when the node had none)."""
         return str(node.meta.get("onnx_node") or node.meta.get("onnx_name") or node.name)
 
-    def quantize_const(self, qv: QVal, scale: float, bits: int, hint: str) -> fx.Node:
-        qmax = Q8 if bits == 8 else Q16
+    def quantize_const(
+        self, qv: QVal, scale: float, bits: int, hint: str, rng: tuple[int, int] | None = None
+    ) -> fx.Node:
+        """The constant as int8 (``bits`` 8) or int16 (16) at ``scale``, saturated to ``rng`` (the dtype's range)."""
+        lo, hi = rng or (INT8_RANGE if bits == 8 else INT16_RANGE)
         dtype = torch.int8 if bits == 8 else torch.int16
         base = qv.const if qv.kind == "const" else qv.replay_base
-        q = torch.round(base.double() / scale).clamp(-qmax - 1, qmax).to(dtype)
+        q = torch.round(base.double() / scale).clamp(lo, hi).to(dtype)
         node = self.buffer(hint, q)
         for name, args in qv.replay:
             node = self.graph.call_module(name, tuple(node if a is None else a for a in args))
@@ -176,7 +333,8 @@ class Converter:
 
         ``allow_channel``: the consumer takes one scale per last-axis channel
         (a linear layer folds it into its weights); otherwise a per-channel
-        value is requantized onto one per-tensor scale.
+        value is requantized onto one per-tensor scale.  A requantized value
+        gets ``float_node``'s width (``bits_of``), signed.
         """
         if qv.kind == "a8" and (qv.per_tensor or allow_channel):
             return qv
@@ -184,13 +342,14 @@ class Converter:
             s = self.const_amax(qv) / Q8
             return QVal("a8", self.quantize_const(qv, s, 8, hint + "_q"), s)
         if qv.kind in ("r16", "acc", "a8"):
-            s_out = self.clip(float_node) / Q8
+            lo, hi = self.out_range(float_node)
+            s_out = self.act_scale(float_node, lo, hi)
             ratio = np.asarray(qv.scale, dtype=np.float64) / s_out
-            node = self.module(hint + "_rq", Requantize(ratio), (qv.node,))
-            self.layers.append(
-                LayerRecord(hint + "_rq", "Requantize", self.source_name(float_node), 8, qv.scale, s_out)
-            )
-            return QVal("a8", node, s_out)
+            node = self.module(hint + "_rq", Requantize(ratio, lo, hi), (qv.node,))
+            bits = self.bits_of(float_node)
+            rec = LayerRecord(hint + "_rq", "Requantize", self.source_name(float_node), bits, qv.scale, s_out, (lo, hi))
+            self.layers.append(rec)
+            return QVal("a8", node, s_out, lo=lo, hi=hi)
         raise UnsupportedModelError(f"internal: cannot requantize a {qv.kind} value at {float_node.name}")
 
     # ------------------------------------------------------------ driver
@@ -202,22 +361,33 @@ class Converter:
             lines = "\n".join(f"  - node {n!r}: op {t} ({why})" for n, t, why in self.unsupported)
             raise UnsupportedModelError(
                 f"{len(self.unsupported)} operator(s) cannot run in integer arithmetic:\n{lines}\n"
-                "intq supports Linear/MatMul/Gemm, Conv, Softmax, GELU, LayerNorm, residual Add, scaling by a "
-                "constant and shape-only ops between the input and the output. Re-export the model without "
+                "intq supports Linear/MatMul/Gemm, Conv (with BatchNorm and zero Pad folded in), Relu/Clip, "
+                "MaxPool, AveragePool/GlobalAveragePool, Softmax, GELU, LayerNorm, residual Add, Concat, scaling "
+                "by a constant and shape-only ops between the input and the output. Re-export the model without "
                 "these ops, or keep them outside the quantized region."
             )
         gm = fx.GraphModule(self.root, self.graph)
         gm.graph.lint()
+        gm.meta["quant_sites"] = self.sites
+        gm.meta["layer_bits"] = {n.name: b for n, b in self.layer_bits.items()}
         return gm
 
     def do_placeholder(self, node):
         new = self.graph.placeholder(node.name)
         new.meta.update(node.meta)
         if node.meta.get("dtype") is not None and node.meta["dtype"].is_floating_point:
-            s = self.clip(node) / Q8
+            lo, hi = self.out_range(node)
+            s = self.act_scale(node, lo, hi)
             q = self.module(f"{node.name}_quant", Quantize(s), (new,))
-            self.layers.append(LayerRecord(f"{node.name}_quant", "Quantize", self.source_name(node), 8, None, s))
-            self.env[node] = QVal("a8", q, s)
+            bits = self.bits_of(node)
+            self.layers.append(
+                LayerRecord(f"{node.name}_quant", "Quantize", self.source_name(node), bits, None, s, (lo, hi))
+            )
+            qv = QVal("a8", q, s)
+            if (lo, hi) != INT8_RANGE:  # QuantizeLinear saturates to int8; a Clip narrows: one rounding, one clamp
+                qv = self.int8_clip(qv, lo, hi, f"{node.name}_clip")
+                self.layers.append(LayerRecord(qv.node.target, "Clip", self.source_name(node), bits, s, s, (lo, hi)))
+            self.env[node] = qv
         else:
             self.env[node] = QVal("int", new)
 
@@ -280,6 +450,8 @@ class Converter:
             FGelu: self.gelu,
             FLayerNorm: self.layernorm,
             FAdd: self.add,
+            FClamp: self.clamp,
+            FAvgPool: self.avg_pool,
         }.get(type(mod))
         if rule is None:
             self.unsupported.append((name, type(mod).__name__, "no integer rule"))
@@ -288,13 +460,15 @@ class Converter:
         self.env[node] = rule(node, mod, ins)
 
     # ------------------------------------------------------------ rules
-    def _weights(self, w: torch.Tensor, b: torch.Tensor | None, s_x):
-        """Per-output-channel int8 weights of ``W * S_x`` and the int32 bias.
+    def _weights(self, w: torch.Tensor, b: torch.Tensor | None, s_x, bits: int = 8):
+        """Per-output-channel ``bits``-bit weights of ``W * S_x`` and the int32 bias.
 
         ``S_x`` is the input's scale: a scalar, or one per input channel
         (a LayerNorm output); folding it into the weights first makes the
-        accumulator's scale ``S_acc[n] = max_k |W[n,k] S_x[k]| / 127``.
+        accumulator's scale ``S_acc[n] = max_k |W[n,k] S_x[k]| / q_w``,
+        ``q_w = 2**(bits-1) - 1`` (the weights lie in ``[-q_w, q_w]``).
         """
+        q_w = (1 << (bits - 1)) - 1
         w = w.double()
         s_x = torch.as_tensor(np.asarray(s_x, dtype=np.float64))
         if s_x.dim() == 1 and s_x.numel() > 1:
@@ -303,9 +477,9 @@ class Converter:
             w = w * float(s_x)
         axes = tuple(range(1, w.dim()))
         amax = w.abs().amax(dim=axes).clamp_min(1e-30)
-        acc_scale = amax / Q8
+        acc_scale = amax / q_w
         shape = (-1,) + (1,) * (w.dim() - 1)
-        w_q = torch.round(w / acc_scale.reshape(shape)).clamp(-Q8, Q8).to(torch.int8)
+        w_q = torch.round(w / acc_scale.reshape(shape)).clamp(-q_w, q_w).to(torch.int8)
         if b is None:
             b_q = torch.zeros(w.shape[0], dtype=torch.int32)
         else:
@@ -319,30 +493,105 @@ class Converter:
         return all(u.op == "output" for u in node.users)
 
     def linear(self, node, mod: FLinear, ins):
-        x = self.as_a8(ins[0], node.args[0], node.name + "_in", allow_channel=True)
-        w, b, acc_scale = self._weights(mod.weight, mod.bias, x.scale)
+        bits = self.layer_bits[node]
+        x = self.as_a8(ins[0], node.args[0], node.name + "_in", allow_channel=bits == 8)
+        w, b, acc_scale = self._weights(mod.weight, mod.bias, x.scale, bits)
+        source = self.source_name(node)
         if self._feeds_only_outputs(node):
-            out = self.module(node.name, IntLinearAcc(w, b), (x.node,))
-            self.layers.append(LayerRecord(node.name, "IntLinearAcc", self.source_name(node), 8, x.scale, None))
+            out = self.module(node.name, IntLinearAcc(w, b, weight_bits=bits), (x.node,))
+            self.layers.append(LayerRecord(node.name, "IntLinearAcc", source, bits, x.scale, None))
             return QVal("acc", out, acc_scale)
         if self._feeds_only_adds(node):  # into the int16 residual stream: keep 16 bits
-            s_out = self.clip(node) / Q16
-            out = self.module(node.name, IntLinear16(w, b, acc_scale / s_out), (x.node,))
-            self.layers.append(LayerRecord(node.name, "IntLinear16", self.source_name(node), 8, x.scale, s_out))
-            return QVal("r16", out, s_out)
-        s_out = self.clip(node) / Q8
-        out = self.module(node.name, IntLinear(w, b, acc_scale / s_out), (x.node,))
-        self.layers.append(LayerRecord(node.name, "IntLinear", self.source_name(node), 8, x.scale, s_out))
-        return QVal("a8", out, s_out)
+            s_out = self.act_scale(node, *INT16_RANGE)
+            out = self.module(node.name, IntLinear16(w, b, acc_scale / s_out, weight_bits=bits), (x.node,))
+            self.layers.append(LayerRecord(node.name, "IntLinear16", source, bits, x.scale, s_out, INT16_RANGE))
+            return QVal("r16", out, s_out, lo=INT16_RANGE[0], hi=INT16_RANGE[1])
+        s_out, lo, hi = self.requant_target(node)
+        op = IntLinear(w, b, acc_scale / s_out, lo, hi, weight_bits=bits)
+        out = self.module(node.name, op, (x.node,))
+        self.layers.append(LayerRecord(node.name, "IntLinear", source, bits, x.scale, s_out, (lo, hi)))
+        return QVal("a8", out, s_out, lo=lo, hi=hi)
 
     def conv(self, node, mod: FConv2d, ins):
+        bits = self.layer_bits[node]
         x = self.as_a8(ins[0], node.args[0], node.name + "_in")
-        w, b, acc_scale = self._weights(mod.weight, mod.bias, x.scale)
-        s_out = self.clip(node) / Q8
-        op = IntConv2d(w, b, acc_scale / s_out, mod.stride, mod.pads, mod.dilation, mod.groups)
+        w, b, acc_scale = self._weights(mod.weight, mod.bias, x.scale, bits)
+        s_out, lo, hi = self.requant_target(node)
+        op = IntConv2d(
+            w, b, acc_scale / s_out, mod.stride, mod.pads, mod.dilation, mod.groups, lo, hi, weight_bits=bits
+        )
         out = self.module(node.name, op, (x.node,))
-        self.layers.append(LayerRecord(node.name, "IntConv2d", self.source_name(node), 8, x.scale, s_out))
-        return QVal("a8", out, s_out)
+        self.layers.append(LayerRecord(node.name, "IntConv2d", self.source_name(node), bits, x.scale, s_out, (lo, hi)))
+        return QVal("a8", out, s_out, lo=lo, hi=hi)
+
+    def clamp(self, node, mod: FClamp, ins):
+        """A clamp its producer did not absorb: a requantize with the clamp range, or an int8 ``Clip``."""
+        if node in self.fused:
+            return ins[0]
+        qv = ins[0]
+        if qv.kind in ("r16", "acc") or (qv.kind == "a8" and not qv.per_tensor):
+            lo, hi = self.out_range(node, mod)
+            s_out = self.act_scale(node, lo, hi)
+            qlo, qhi = self.clamp_bounds(mod, s_out, lo, hi)
+            if qlo >= qhi:
+                self.unsupported.append((self.source_name(node), "Clip", f"clamps everything to one value {mod}"))
+                return QVal("bad")
+            self.sites[node.name].update(qmin=qlo, qmax=qhi)
+            out = self.module(
+                node.name, Requantize(np.asarray(qv.scale, dtype=np.float64) / s_out, qlo, qhi), (qv.node,)
+            )
+            bits = self.bits_of(node)
+            self.layers.append(
+                LayerRecord(node.name, "Requantize", self.source_name(node), bits, qv.scale, s_out, (qlo, qhi))
+            )
+            return QVal("a8", out, s_out, lo=qlo, hi=qhi)
+        if qv.kind != "a8":
+            self.unsupported.append((self.source_name(node), "Clip", f"clamping a {qv.kind} value"))
+            return QVal("bad")
+        qlo, qhi = self.clamp_bounds(mod, float(qv.scale), qv.lo, qv.hi)
+        if (qlo, qhi) == (qv.lo, qv.hi):
+            return qv  # the range already lies inside the clamp
+        if qlo > qhi:
+            self.unsupported.append((self.source_name(node), "Clip", f"clamps everything to one value {mod}"))
+            return QVal("bad")
+        out = self.int8_clip(qv, qlo, qhi, node.name)
+        self.layers.append(
+            LayerRecord(
+                out.node.target, "Clip", self.source_name(node), self.bits_of(node), qv.scale, qv.scale, (qlo, qhi)
+            )
+        )
+        return out
+
+    def avg_pool(self, node, mod: FAvgPool, ins):
+        """Average pooling as a depthwise ``IntConv2d``: all-ones weights, ``ratio = S_in / (S_out * kh * kw)``."""
+        x = self.as_a8(ins[0], node.args[0], node.name + "_in")
+        shape = node.args[0].meta.get("shape")
+        if mod.kernel is None:
+            dynamic = [i["name"] for i in self.src.meta.get("inputs", []) if not _static_after_batch(i.get("shape"))]
+            if dynamic:
+                self.unsupported.append(
+                    (
+                        self.source_name(node),
+                        "GlobalAveragePool",
+                        f"global pooling needs a static H x W, but input(s) {dynamic} have dynamic dims after the "
+                        "batch axis; export the model with a fixed image size",
+                    )
+                )
+                return QVal("bad")
+            kernel, stride, pads = tuple(shape[2:]), (1, 1), (0, 0, 0, 0)
+        else:
+            kernel, stride, pads = mod.kernel, mod.stride, mod.pads
+        channels = shape[1]
+        lo, hi = activation_range(self.bits_of(node), x.lo >= 0)
+        s_out = self.act_scale(node, lo, hi)
+        ones = np.ones((channels, 1) + tuple(kernel), np.int8)
+        ratio = float(x.scale) / (s_out * kernel[0] * kernel[1])
+        op = IntConv2d(ones, None, ratio, stride, pads, 1, channels, lo, hi)
+        out = self.module(node.name, op, (x.node,))
+        self.layers.append(
+            LayerRecord(node.name, "IntConv2d", self.source_name(node), self.bits_of(node), x.scale, s_out, (lo, hi))
+        )
+        return QVal("a8", out, s_out, lo=lo, hi=hi)
 
     def _feeds_softmax(self, node) -> bool:
         while True:
@@ -363,7 +612,7 @@ class Converter:
             out = self.module(node.name, IntMatMulAcc(), (a.node, b.node))
             self.layers.append(LayerRecord(node.name, "IntMatMulAcc", self.source_name(node), 8, [a.scale, b.scale]))
             return QVal("acc", out, a.scale * b.scale)
-        s_out = self.clip(node) / Q8
+        s_out = self.act_scale(node, *INT8_RANGE)
         out = self.module(node.name, IntMatMul(a.scale * b.scale / s_out), (a.node, b.node))
         self.layers.append(LayerRecord(node.name, "IntMatMul", self.source_name(node), 8, [a.scale, b.scale], s_out))
         return QVal("a8", out, s_out)
@@ -389,7 +638,7 @@ class Converter:
 
     def gelu(self, node, mod, ins):
         x = self.as_a8(ins[0], node.args[0], node.name + "_in")
-        s_out = self.clip(node) / Q8
+        s_out = self.act_scale(node, *INT8_RANGE)
         out = self.module(node.name, ShiftGELU(float(x.scale), s_out), (x.node,))
         self.layers.append(LayerRecord(node.name, "ShiftGELU", self.source_name(node), 8, x.scale, s_out))
         return QVal("a8", out, s_out)
@@ -398,14 +647,16 @@ class Converter:
         x = ins[0]
         if x.kind not in ("a8", "r16"):
             x = self.as_a8(x, node.args[0], node.name + "_in")
-        s_out = self.channel_scale(node) if self.config.per_channel_norm else self.clip(node) / Q8
+        s_out = self.channel_scale(node) if self.config.per_channel_norm else self.act_scale(node, *INT8_RANGE)
         op = ILayerNorm(mod.gamma.double().numpy(), mod.beta.double().numpy(), mod.eps, float(x.scale), s_out)
         out = self.module(node.name, op, (x.node,))
         self.layers.append(LayerRecord(node.name, "ILayerNorm", self.source_name(node), 8, x.scale, s_out))
         return QVal("a8", out, s_out)
 
     def add(self, node, mod, ins):
-        s_out = self.clip(node) / Q16
+        # HAWQV3's residual: a 4-D add whose only user is a clamp (ReLU) requantizes both branches with one
+        # shared shift straight into the clamp's int8 range; other adds feed the int16 residual stream.
+        hawq = self.fusable_clamp(node) is not None and len(node.meta.get("shape") or ()) == 4
         operands = []
         for i, qv in enumerate(ins):
             if qv.kind in ("const", "cchain"):
@@ -419,10 +670,19 @@ class Converter:
                 self.unsupported.append((self.source_name(node), "Add", f"adding a {qv.kind} value"))
                 return QVal("bad")
         a, b = operands
-        op = IntAdd(np.asarray(a.scale, dtype=np.float64) / s_out, np.asarray(b.scale, dtype=np.float64) / s_out)
-        out = self.module(node.name, op, (a.node, b.node))
-        self.layers.append(LayerRecord(node.name, "IntAdd", self.source_name(node), 16, [a.scale, b.scale], s_out))
-        return QVal("r16", out, s_out)
+        if hawq:
+            s_out, lo, hi = self.requant_target(node)
+            kind, bits = "a8", self.bits_of(node)
+        else:
+            lo, hi = INT16_RANGE
+            s_out = self.act_scale(node, lo, hi)
+            kind, bits = "r16", 16
+        ratio_a, ratio_b = (np.asarray(v.scale, dtype=np.float64) / s_out for v in (a, b))
+        out = self.module(node.name, IntAdd(ratio_a, ratio_b, lo, hi), (a.node, b.node))
+        self.layers.append(
+            LayerRecord(node.name, "IntAdd", self.source_name(node), bits, [a.scale, b.scale], s_out, (lo, hi))
+        )
+        return QVal(kind, out, s_out, lo=lo, hi=hi)
 
     # ------------------------------------------------------------ ONNX nodes
     def onnx_node(self, node, mod: OnnxOp, ins) -> QVal:
@@ -437,6 +697,10 @@ class Converter:
             return QVal("int", self.copy(node, ins))
         if mod.op_type == "Concat":
             return self.concat(node, mod, ins)
+        if mod.op_type == "MaxPool" and isinstance(data, QVal) and data.quantized and len(mod.output_names) == 1:
+            # max commutes with a positive scale: same scale, same range, on the int8 tensor
+            data = self.as_a8(data, node.args[0], node.name + "_in")
+            return dataclasses.replace(data, node=self.copy(node, [data]))
         if mod.op_type in MOVEMENT and isinstance(data, QVal):
             others_int = all(q.kind == "int" for q in ins[1:] if isinstance(q, QVal))
             if not others_int:
@@ -464,6 +728,7 @@ class Converter:
                 base = data.const if data.kind == "const" else data.replay_base
                 return QVal("cchain", replay=list(data.replay) + [(name, args)], replay_base=base)
         why = "float arithmetic inside the quantized region" if any(q.quantized for q in qvals) else "unsupported here"
+        why = node.meta.get("refused") or why
         self.unsupported.append((self.source_name(node), mod.op_type, why))
         return QVal("bad")
 
@@ -483,29 +748,45 @@ class Converter:
         return mod.op_type in ("Squeeze", "Unsqueeze", "Expand", "Identity", "Reshape", "Flatten")
 
     def concat(self, node, mod, ins):
-        qs = [q for q in ins if isinstance(q, QVal)]
-        scales = [float(q.scale) for q in qs if q.quantized and q.per_tensor]
-        if not scales:
+        """Inputs requantized onto one scale and range: the largest clip, signed unless every input is >= 0."""
+        args = list(ins)
+        for i, q in enumerate(args):
+            if isinstance(q, QVal) and q.quantized and (q.kind != "a8" or not q.per_tensor):
+                args[i] = self.as_a8(q, node.args[i], f"{node.name}_in{i}")
+        acts = [q for q in args if isinstance(q, QVal) and q.kind == "a8"]
+        if not acts:
             self.unsupported.append((self.source_name(node), "Concat", "no quantized input"))
             return QVal("bad")
-        s_out = max(scales)
+        lo, hi = activation_range(self.bits_of(node), all(q.lo >= 0 for q in acts))
+        s_out = max(float(q.scale) * q.hi for q in acts) / hi
         new_args = []
-        for i, q in enumerate(ins):
+        for i, q in enumerate(args):
             if not isinstance(q, QVal):
                 new_args.append(q)
             elif q.kind in ("const", "cchain"):
-                new_args.append(QVal("a8", self.quantize_const(q, s_out, 8, f"{node.name}_c{i}"), s_out))
-            elif q.kind == "a8" and float(q.scale) == s_out:
+                node_c = self.quantize_const(q, s_out, 8, f"{node.name}_c{i}", (lo, hi))
+                new_args.append(QVal("a8", node_c, s_out, lo=lo, hi=hi))
+            elif q.kind == "a8" and float(q.scale) == s_out and lo <= q.lo and q.hi <= hi:
                 new_args.append(q)
-            elif q.quantized:
-                rq = self.module(
-                    f"{node.name}_rq{i}", Requantize(np.asarray(q.scale, dtype=np.float64) / s_out), (q.node,)
+            elif q.kind == "a8":
+                ratio = float(q.scale) / s_out
+                rq = self.module(f"{node.name}_rq{i}", Requantize(ratio, lo, hi), (q.node,))
+                self.layers.append(
+                    LayerRecord(
+                        f"{node.name}_rq{i}",
+                        "Requantize",
+                        self.source_name(node),
+                        self.bits_of(node),
+                        q.scale,
+                        s_out,
+                        (lo, hi),
+                    )
                 )
-                new_args.append(QVal("a8", rq, s_out))
+                new_args.append(QVal("a8", rq, s_out, lo=lo, hi=hi))
             else:
                 self.unsupported.append((self.source_name(node), "Concat", f"concatenating a {q.kind} value"))
                 return QVal("bad")
-        return QVal("a8", self.copy(node, new_args), s_out)
+        return QVal("a8", self.copy(node, new_args), s_out, lo=lo, hi=hi)
 
     def copy_module(self, node, mod) -> str:
         name = node.target
@@ -534,7 +815,34 @@ def _jsonable(scale):
     return float(arr) if arr.ndim == 0 or arr.size == 1 else arr.tolist()
 
 
-def convert(gm: fx.GraphModule, observers, config) -> tuple[fx.GraphModule, list[LayerRecord], list[dict]]:
-    conv = Converter(gm, observers, config)
+def _static_after_batch(shape) -> bool:
+    return shape is not None and all(isinstance(d, int) for d in list(shape)[1:])
+
+
+def convert(
+    gm: fx.GraphModule, observers, config, clips: dict[str, float] | None = None
+) -> tuple[fx.GraphModule, list[LayerRecord], list[dict]]:
+    """The integer graph, its layer records and the output quantization metadata.
+
+    ``clips``: fx node name -> a float clip that replaces that node's
+    calibrated one (QAT's learned clips).  The integer graph's
+    ``meta["quant_sites"]`` lists every activation quantized, by fx node
+    name: ``{"clip", "qmin", "qmax"}``; ``meta["layer_bits"]`` each
+    weighted layer's width, by fx node name.
+    """
+    conv = Converter(gm, observers, config, clips)
     out = conv.run()
     return out, conv.layers, conv.output_meta
+
+
+def quantization_sites(gm: fx.GraphModule, observers, config) -> tuple[dict, dict[str, int]]:
+    """What QAT fake-quantizes: ``({fx node name: ActSite}, {weighted layer's fx node name: bits})``.
+
+    Read from a conversion of ``gm`` itself, so QAT simulates exactly the
+    activations and weight widths the integer model will have.
+    """
+    from intq.quantizer.qat import ActSite
+
+    out, _, _ = convert(gm, observers, config)
+    sites = {name: ActSite(s["clip"], s["qmin"], s["qmax"]) for name, s in out.meta["quant_sites"].items()}
+    return sites, dict(out.meta["layer_bits"])

@@ -27,10 +27,14 @@ class QuantizedModel(torch.nn.Module):
         config,
         example,
         float_graph: fx.GraphModule | None = None,
+        observers: dict | None = None,
     ):
         super().__init__()
-        # the calibrated float graph, for fidelity reports; kept out of the module tree and the state dict
+        # the calibrated float graph (fidelity reports) and its observers by fx node name (QAT starts from their
+        # clips); kept out of the module tree and the state dict
         self.__dict__["float_graph"] = float_graph
+        self.__dict__["observers"] = observers
+        self.__dict__["example"] = example  # one calibration batch: shapes for re-annotation after QAT
         self.graph_module = graph_module
         self.inputs = inputs
         self.outputs = outputs

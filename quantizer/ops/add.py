@@ -1,6 +1,13 @@
-"""Integer residual add into the int16 residual stream.
+"""Integer residual add: into the int16 residual stream, or an int8 activation.
 
-    y = clamp((a * m_a + b * m_b + 2**(s-1)) >> s, -32768, 32767)    (int16)
+    y = clamp((a * m_a + b * m_b + 2**(s-1)) >> s, qmin, qmax)
+
+- Default range ``[-32768, 32767]``: op type ``IntAdd``, int16 output (the
+  transformer residual stream, as I-ViT).  Any other range must lie inside
+  int8: the output is int8 and the op type carries the range,
+  ``IntAdd_c0x127`` (``base.range_suffix``): HAWQV3's CNN residual, both
+  branches requantized by one shared shift with the following ReLU fused as
+  the clamp (``[0, 127]`` at 8 bits, ``[0, 15]`` at 4).
 
 - ``a``, ``b``: int8 or int16 tensors (either, independently), broadcast as
   in numpy.  ``m_a``, ``m_b``, ``s``: int64 scalars from ``dyadic([ratio_a,
@@ -13,7 +20,7 @@
   |m_b|)``, at most ``2**40`` for ratios below ``2**23``; the constructor
   checks the requantize margin ``2**15 * (|m_a| + |m_b|) + 2**(s-1) < 2**62``.
 - Rounding: half up, once, on the exact sum.  Float meaning: with ``v = a *
-  ratio_a + b * ratio_b``, ``|y - clip(v, -32768, 32767)| <= 1/2 + (|a| +
+  ratio_a + b * ratio_b``, ``|y - clip(v, qmin, qmax)| <= 1/2 + (|a| +
   |b|) * max(|ratio_a|, |ratio_b|) * 2**-24``.
 - Torch emulation and ONNX body: the int64 sum ``a*m_a + b*m_b``, then the
   shared requantize primitive with multiplier 1 and shift ``s``
@@ -25,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from intq.quantizer.ops.base import IntegerOp, as_buffer
+from intq.quantizer.ops.base import IntegerOp, as_buffer, check_range, class_or_instance_method, range_suffix
 from intq.quantizer.ops.dyadic import dyadic, requantize
 from intq.quantizer.ops.linear import check_requantize_margin
 from intq.quantizer.ops.onnx_fn import FunctionBuilder
@@ -41,8 +48,13 @@ class IntAdd(IntegerOp):
     output_dtype = torch.int16
     qmin, qmax = -32768, 32767
 
-    def __init__(self, ratio_a, ratio_b):
+    def __init__(self, ratio_a, ratio_b, qmin: int = -32768, qmax: int = 32767):
         super().__init__()
+        family = type(self).op_type
+        if (qmin, qmax) != (type(self).qmin, type(self).qmax):
+            self.qmin, self.qmax = check_range(qmin, qmax, -128, 127, family)
+            self.output_dtype = torch.int8
+            self.op_type = family + range_suffix(self.qmin, self.qmax, default=(type(self).qmin, type(self).qmax))
         ra = np.asarray(ratio_a, dtype=np.float64)
         rb = np.asarray(ratio_b, dtype=np.float64)
         if ra.ndim > 1 or rb.ndim > 1:
@@ -64,9 +76,10 @@ class IntAdd(IntegerOp):
         total = a.to(torch.int64) * self.m_a + b.to(torch.int64) * self.m_b
         return requantize(total, torch.ones_like(self.s), self.s, self.qmin, self.qmax).to(self.output_dtype)
 
-    @classmethod
-    def function_proto(cls):
-        fb = FunctionBuilder(cls.op_type, ["a", "b", "m_a", "m_b", "s"], doc=__doc__)
+    @class_or_instance_method
+    def function_proto(self):
+        fb = FunctionBuilder(self.op_type, ["a", "b", "m_a", "m_b", "s"], doc=__doc__)
         total = fb.op("Add", fb.op("Mul", fb.cast("a", "int64"), "m_a"), fb.op("Mul", fb.cast("b", "int64"), "m_b"))
-        fb.requantize(total, fb.const(1, "int64", "one"), "s", cls.qmin, cls.qmax, "int16", out="y")
+        out_dtype = str(self.output_dtype).removeprefix("torch.")
+        fb.requantize(total, fb.const(1, "int64", "one"), "s", self.qmin, self.qmax, out_dtype, out="y")
         return fb.build()

@@ -1,9 +1,11 @@
 """Integer 2-D convolution, NCHW, requantized per output channel to int8.
 
     acc[n, o] = sum_{c, i, j} xpad[n, g(o)*Cg + c, h*sh + i*dh, w*sw + j*dw] * w[o, c, i, j] + b[o]   (int32)
-    y         = clamp((acc * m[o] + 2**(s[o]-1)) >> s[o], -128, 127)                                (int8)
+    y         = clamp((acc * m[o] + 2**(s[o]-1)) >> s[o], qmin, qmax)                               (int8)
 
-- ``x``: int8 ``[B, C, H, W]``; ``w``: int8 ``[O, C/groups, kh, kw]``;
+- ``x``: int8 ``[B, C, H, W]``; ``w``: int8 ``[O, C/groups, kh, kw]``
+  (``weight_bits=4``: values in ``[-8, 7]``, stored packed as ONNX INT4 and
+  cast to int8 in front of the function, see ``base.packed_int4``);
   ``b``: int32 ``[O]``; ``m``, ``s``: int64 ``[O, 1, 1]`` (per output
   channel, broadcast along axis 1), ``(m, s) = dyadic(ratio)``.  ``xpad`` is
   ``x`` zero-padded by ``padding = (top, left, bottom, right)``.
@@ -11,8 +13,11 @@
   max|b| < 2**31``, checked in the constructor (``K <= 131071`` without
   bias; a 16x16 patch embedding of 3 channels has ``K = 768``).
 - Requantize margin: ``|acc * m| + 2**(s-1) < 2**62``, checked likewise.
+- Clamp: ``[qmin, qmax]``, ``[-128, 127]`` by default; another range inside
+  int8 (a 4-bit activation, or a fused ReLU: ``base.activation_range``)
+  appends ``range_suffix`` to the op type.
 - Rounding: half up, once.  Float meaning: with ``v = acc * ratio[o]``,
-  ``|y - clip(v, -128, 127)| <= 1/2 + |v| * 2**-24``.
+  ``|y - clip(v, qmin, qmax)| <= 1/2 + |v| * 2**-24``.
 - Torch emulation: ``F.pad`` then ``F.conv2d`` in float64 on the integer
   values: every partial sum is an integer of magnitude ``< 2**31 < 2**53``,
   so the result is exact whatever the summation order.
@@ -27,7 +32,7 @@
 Stride, padding, dilation and groups are ``ConvInteger`` attributes, fixed
 per instance; rather than ONNX function attributes, each distinct
 configuration gets its own function, named after it, e.g.
-``IntConv2d_s2x2_p0x0x1x1_d1x1_g1``.  So ``op_type`` is an instance
+``IntConv2d_s2x2_p0x0x1x1_d1x1_g1`` (``..._g1_c0x15`` with a clamp).  So ``op_type`` is an instance
 attribute (the class attribute ``op_type = "IntConv2d"`` names the family)
 and ``function_proto`` is an instance method.
 """
@@ -40,9 +45,15 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto
 
-from intq.quantizer.ops.base import IntegerOp, as_buffer
+from intq.quantizer.ops.base import IntegerOp, as_buffer, check_range, range_suffix
 from intq.quantizer.ops.dyadic import dyadic, requantize
-from intq.quantizer.ops.linear import accumulator_bound, channel_ratio, check_requantize_margin, int_array
+from intq.quantizer.ops.linear import (
+    accumulator_bound,
+    channel_ratio,
+    check_requantize_margin,
+    int_array,
+    weight_range,
+)
 from intq.quantizer.ops.onnx_fn import FunctionBuilder
 
 UINT8_OFFSET = 128  # int8 + 128 is uint8; ConvInteger subtracts it back as the zero point
@@ -75,10 +86,23 @@ class IntConv2d(IntegerOp):
     output_dtype = torch.int8
     qmin, qmax = -128, 127
 
-    def __init__(self, weight, bias, ratio, stride=1, padding=0, dilation=1, groups: int = 1):
+    def __init__(
+        self,
+        weight,
+        bias,
+        ratio,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        qmin: int = -128,
+        qmax: int = 127,
+        weight_bits: int = 8,
+    ):
         super().__init__()
         where = type(self).op_type
-        w = int_array(weight, -128, 127, "weight", where)
+        self.qmin, self.qmax = check_range(qmin, qmax, -128, 127, where)
+        w = int_array(weight, *weight_range(weight_bits, where), "weight", where)
         if w.ndim != 4 or w.size == 0:
             raise ValueError(f"{where}: weight must be a non-empty [O, C/groups, kh, kw] array, got shape {w.shape}")
         out_channels, in_per_group, kh, kw = w.shape
@@ -97,8 +121,9 @@ class IntConv2d(IntegerOp):
         self.groups = int(groups)
         self.op_type = (
             f"{where}_s{self.stride[0]}x{self.stride[1]}_p{'x'.join(map(str, self.padding))}"
-            f"_d{self.dilation[0]}x{self.dilation[1]}_g{self.groups}"
+            f"_d{self.dilation[0]}x{self.dilation[1]}_g{self.groups}" + range_suffix(self.qmin, self.qmax)
         )
+        self.packed_int4 = frozenset({"w"}) if weight_bits == 4 else frozenset()
         self.register_buffer("w", as_buffer(w, torch.int8))
         self.register_buffer("b", as_buffer(b, torch.int32))
         self.register_buffer("m", as_buffer(m.reshape(-1, 1, 1), torch.int64))

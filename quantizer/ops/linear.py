@@ -3,14 +3,20 @@
 ``IntLinear`` (requantized to int8)::
 
     acc = x @ w.T + b                                    (int32)
-    y   = clamp((acc * m + 2**(s-1)) >> s, -128, 127)    (int8)
+    y   = clamp((acc * m + 2**(s-1)) >> s, qmin, qmax)   (int8)
+
+with the clamp range ``[qmin, qmax]`` ``[-128, 127]`` by default; another
+range inside int8 (``base.activation_range``) names the op
+``IntLinear_c0x15`` etc. (``base.range_suffix``).
 
 ``IntLinearAcc`` (the raw accumulator, for a dequantizer that follows)::
 
     y = x @ w.T + b                                      (int32)
 
 - ``x``: int8 ``[..., K]``; ``w``: int8 ``[N, K]`` (the ``nn.Linear``
-  layout, stored as given and transposed inside the ONNX function);
+  layout, stored as given and transposed inside the ONNX function;
+  ``weight_bits=4``: values in ``[-8, 7]``, written as packed ONNX INT4,
+  see ``base.packed_int4``);
   ``b``: int32 ``[N]``; ``m``, ``s``: int64 ``[N]``, ``(m, s) =
   dyadic(ratio)`` per output channel with ``ratio = S_x * S_w[n] / S_y``.
 - Accumulator bound: every product lies in ``[-128*127, 128*128]``, so
@@ -42,7 +48,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from intq.quantizer.ops.base import IntegerOp, as_buffer
+from intq.quantizer.ops.base import IntegerOp, as_buffer, check_range, class_or_instance_method, range_suffix
 from intq.quantizer.ops.dyadic import dyadic, int_matmul, requantize
 from intq.quantizer.ops.onnx_fn import FunctionBuilder
 
@@ -50,6 +56,13 @@ INT8_PRODUCT_MAX = 128 * 128  # the largest |x * w| for int8 operands: (-128) * 
 ACC_LIMIT = 1 << 31  # int32 accumulators hold |acc| < 2**31
 MAX_K = (ACC_LIMIT - 1) // INT8_PRODUCT_MAX  # 131071: longest bias-free int8 reduction
 REQUANTIZE_LIMIT = 1 << 62  # dyadic's margin: |x * m| + 2**(s-1) < 2**62
+
+
+def weight_range(weight_bits: int, where: str) -> tuple[int, int]:
+    """The integer range of ``weight_bits``-bit weights (4: packable as ONNX INT4; 8: int8)."""
+    if weight_bits not in (4, 8):
+        raise ValueError(f"{where}: weight_bits must be 4 or 8, got {weight_bits!r}")
+    return -(1 << (weight_bits - 1)), (1 << (weight_bits - 1)) - 1
 
 
 def int_array(value, lo: int, hi: int, name: str, where: str) -> np.ndarray:
@@ -100,10 +113,10 @@ def channel_ratio(ratio, n: int, where: str) -> np.ndarray:
 class _LinearBase(IntegerOp):
     """Holds ``w`` (int8 ``[N, K]``) and ``b`` (int32 ``[N]``) and forms the accumulator."""
 
-    def __init__(self, weight, bias):
+    def __init__(self, weight, bias, weight_bits: int = 8):
         super().__init__()
-        where = self.op_type
-        w = int_array(weight, -128, 127, "weight", where)
+        where = type(self).op_type
+        w = int_array(weight, *weight_range(weight_bits, where), "weight", where)
         if w.ndim != 2 or w.size == 0:
             raise ValueError(f"{where}: weight must be a non-empty [N, K] array, got shape {w.shape}")
         n, k = w.shape
@@ -113,6 +126,7 @@ class _LinearBase(IntegerOp):
         self.acc_bound = accumulator_bound(k, b, where)
         self.register_buffer("w", as_buffer(w, torch.int8))
         self.register_buffer("b", as_buffer(b, torch.int32))
+        self.packed_int4 = frozenset({"w"}) if weight_bits == 4 else frozenset()
 
     def accumulate(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ w.T + b`` as exact int64."""
@@ -131,21 +145,25 @@ class IntLinear(_LinearBase):
     output_dtype = torch.int8
     qmin, qmax = -128, 127
 
-    def __init__(self, weight, bias, ratio):
-        super().__init__(weight, bias)
-        m, s = dyadic(channel_ratio(ratio, self.w.shape[0], self.op_type))
-        check_requantize_margin(self.acc_bound, m, s, self.op_type)
+    def __init__(self, weight, bias, ratio, qmin: int = -128, qmax: int = 127, weight_bits: int = 8):
+        super().__init__(weight, bias, weight_bits)
+        family = type(self).op_type
+        info = torch.iinfo(self.output_dtype)
+        self.qmin, self.qmax = check_range(qmin, qmax, info.min, info.max, family)
+        self.op_type = family + range_suffix(self.qmin, self.qmax, default=(type(self).qmin, type(self).qmax))
+        m, s = dyadic(channel_ratio(ratio, self.w.shape[0], family))
+        check_requantize_margin(self.acc_bound, m, s, family)
         self.register_buffer("m", as_buffer(m, torch.int64))
         self.register_buffer("s", as_buffer(s, torch.int64))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return requantize(self.accumulate(x), self.m, self.s, self.qmin, self.qmax).to(self.output_dtype)
 
-    @classmethod
-    def function_proto(cls):
-        fb = FunctionBuilder(cls.op_type, ["x", "w", "b", "m", "s"], doc=__doc__)
-        acc = fb.op("Add", fb.cast(cls.onnx_matmul(fb), "int64"), fb.cast("b", "int64"))
-        fb.requantize(acc, "m", "s", cls.qmin, cls.qmax, str(cls.output_dtype).removeprefix("torch."), out="y")
+    @class_or_instance_method
+    def function_proto(self):
+        fb = FunctionBuilder(self.op_type, ["x", "w", "b", "m", "s"], doc=__doc__)
+        acc = fb.op("Add", fb.cast(self.onnx_matmul(fb), "int64"), fb.cast("b", "int64"))
+        fb.requantize(acc, "m", "s", self.qmin, self.qmax, str(self.output_dtype).removeprefix("torch."), out="y")
         return fb.build()
 
 
@@ -162,6 +180,9 @@ class IntLinear16(IntLinear):
     op_type = "IntLinear16"
     output_dtype = torch.int16
     qmin, qmax = -32768, 32767
+
+    def __init__(self, weight, bias, ratio, weight_bits: int = 8):
+        super().__init__(weight, bias, ratio, self.qmin, self.qmax, weight_bits)
 
 
 class IntLinearAcc(_LinearBase):

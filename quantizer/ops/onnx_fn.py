@@ -12,6 +12,7 @@ which is exact because ``2**62`` is a multiple of ``2**s``.
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -98,24 +99,49 @@ class FunctionBuilder:
         )
 
 
+def param_inputs(op, prefix: str = "") -> tuple[list[onnx.TensorProto], list[onnx.NodeProto], list[str]]:
+    """Initializers, main-graph nodes and input names that feed ``op``'s params to its function node.
+
+    A param is an initializer named ``<prefix><param>``.  One listed in
+    ``op.packed_int4`` is stored as an ONNX INT4 initializer
+    ``<prefix><param>.int4`` (two values per byte, the low nibble first, as
+    ONNX packs them) followed by a standard ``Cast(to=INT8)`` whose output
+    ``<prefix><param>`` feeds the function, so the file holds the 4-bit
+    weights at half the size and the function body still sees int8.
+    """
+    inits, nodes, names = [], [], []
+    packed = getattr(op, "packed_int4", frozenset())  # test doubles of an op may not declare it
+    for pname, value in op.params().items():
+        name = f"{prefix}{pname}"
+        arr = np.array(value, order="C")
+        if pname in packed:
+            if arr.size and (arr.min() < -8 or arr.max() > 7):
+                raise ValueError(f"{op.op_type}: param {pname} is in packed_int4 but holds values outside [-8, 7]")
+            inits.append(numpy_helper.from_array(arr.astype(ml_dtypes.int4), name=f"{name}.int4"))
+            nodes.append(helper.make_node("Cast", [f"{name}.int4"], [name], name=f"{name}.unpack", to=TensorProto.INT8))
+        else:
+            inits.append(numpy_helper.from_array(arr, name=name))
+        names.append(name)
+    return inits, nodes, names
+
+
 def single_op_model(op, example_inputs: list[np.ndarray]) -> onnx.ModelProto:
-    """A model holding one ``intq`` function node, its params as initializers.
+    """A model holding one ``intq`` function node, its params as initializers (``param_inputs``).
 
     For tests: run ``op`` in onnxruntime on ``example_inputs`` (whose dtypes
     fix the graph's input types) and compare with ``op.forward``.
     """
     fn = op.function_proto()
     data_names = list(op.data_inputs)
-    params = op.params()
-    inits = [numpy_helper.from_array(np.array(v, order="C"), name=k) for k, v in params.items()]
+    inits, unpack, param_names = param_inputs(op)
     ins = [
         helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), list(a.shape))
         for n, a in zip(data_names, example_inputs, strict=True)
     ]
     out_dtype = str(op.output_dtype).replace("torch.", "")
     outs = [helper.make_tensor_value_info("y", _ONNX_DTYPE[out_dtype], None)]
-    node = helper.make_node(op.op_type, data_names + list(params), ["y"], domain=INTQ_DOMAIN)
-    graph = helper.make_graph([node], op.op_type, ins, outs, initializer=inits)
+    node = helper.make_node(op.op_type, data_names + param_names, ["y"], domain=INTQ_DOMAIN)
+    graph = helper.make_graph([*unpack, node], op.op_type, ins, outs, initializer=inits)
     return helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(INTQ_DOMAIN, 1)],

@@ -90,3 +90,20 @@ def test_float_ops_before_the_quantizer_are_allowed():
         ],
     )
     verify_integer_only(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]))
+
+
+@pytest.mark.parametrize("elem_type", [TensorProto.INT4, TensorProto.UINT4])
+def test_four_bit_inputs_start_the_integer_region(elem_type):
+    """INT4 / UINT4 values are integers: a float op on one (after a Cast to int8) is reported."""
+    nodes = [
+        helper.make_node("Cast", ["x"], ["x8"], name="widen", to=TensorProto.INT8),
+        helper.make_node("Cast", ["x8"], ["xf"], name="to_float", to=TensorProto.FLOAT),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", elem_type, [4])],
+        [helper.make_tensor_value_info("xf", TensorProto.FLOAT, [4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert float_ops_in_integer_region(model) == [("to_float", "Cast", "xf: FLOAT")]

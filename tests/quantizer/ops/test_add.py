@@ -155,3 +155,35 @@ def test_refuses_wide_inputs():
     op = IntAdd(1.0, 1.0)
     with pytest.raises(ValueError, match="input b must be int8 or int16, got torch.int32"):
         op(torch.zeros(3, dtype=torch.int16), torch.zeros(3, dtype=torch.int32))
+
+
+# --- (d) int8 output with a clamp range (HAWQV3 residual + ReLU, issue 5) -------------------------
+
+
+@pytest.mark.parametrize(
+    ("qmin", "qmax", "op_type"), [(0, 127, "IntAdd_c0x127"), (0, 15, "IntAdd_c0x15"), (-8, 7, "IntAdd_cm8x7")]
+)
+def test_clamped_add_is_int8_and_exact(qmin, qmax, op_type):
+    rng = np.random.default_rng(5)
+    a = rng.integers(-128, 128, (2, 3, 4, 4)).astype(np.int8)
+    b = rng.integers(-128, 128, (2, 3, 4, 4)).astype(np.int8)
+    ra, rb = 3 * 2.0**-1, 5 * 2.0**-3  # a shared 24-bit shift holds both exactly; large enough to saturate
+    op = IntAdd(ra, rb, qmin, qmax)
+    assert op.op_type == op_type and op.output_dtype == torch.int8
+    model = single_op_model(op, [a, b])
+    got = ort.InferenceSession(model.SerializeToString()).run(None, {"a": a, "b": b})[0]
+    want = op(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    assert got.dtype == want.dtype == np.int8
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, np.clip(np.floor(a * ra + b.astype(np.float64) * rb + 0.5), qmin, qmax))
+    assert got.min() == qmin and got.max() == qmax
+
+
+def test_default_add_keeps_its_name_and_int16():
+    assert IntAdd(1.0, 1.0).op_type == "IntAdd" and IntAdd(1.0, 1.0).output_dtype == torch.int16
+    assert IntAdd.function_proto().name == "IntAdd"
+
+
+def test_clamped_add_refuses_a_range_outside_int8():
+    with pytest.raises(ValueError, match=r"IntAdd: clamp range \[-1000, 1000\] .* <= 127"):
+        IntAdd(1.0, 1.0, -1000, 1000)

@@ -206,3 +206,59 @@ def test_refuses_bad_geometry(kwargs, message):
 def test_refuses_weight_out_of_int8():
     with pytest.raises(ValueError, match=r"IntConv2d: weight has values in \[-129, 1\]"):
         IntConv2d(np.array([[[[-129, 1]]]]), None, 0.1)
+
+
+# --- (d) clamp ranges and 4-bit weights (issue 5) ------------------------------------------------
+
+RANGES = [(-128, 127), (-8, 7), (0, 15), (0, 127)]
+
+
+@pytest.mark.parametrize(("qmin", "qmax"), RANGES)
+@pytest.mark.parametrize("weight_bits", [8, 4])
+def test_clamp_range_and_int4_weights_exact(qmin, qmax, weight_bits):
+    rng = np.random.default_rng(1)
+    lo, hi = (-8, 7) if weight_bits == 4 else (-128, 127)
+    x = rng.integers(-128, 128, (2, 4, 7, 6)).astype(np.int8)
+    w = rng.integers(lo, hi + 1, (6, 4, 3, 3)).astype(np.int8)
+    w[0], w[1] = lo, hi  # all-min and all-max channels
+    b = rng.integers(-(2**12), 2**12, 6).astype(np.int32)
+    ratio = dyadic_ratios(6, exponent=-7 if weight_bits == 4 else -11)
+    op = IntConv2d(w, b, ratio, stride=2, padding=(0, 0, 1, 1), qmin=qmin, qmax=qmax, weight_bits=weight_bits)
+    assert op.packed_int4 == (frozenset({"w"}) if weight_bits == 4 else frozenset())
+    acc = numpy_conv(x, w, b, (2, 2), (0, 0, 1, 1))
+    want = np.clip(np.floor(acc * ratio.reshape(-1, 1, 1) + 0.5), qmin, qmax)
+    got = run_both(op, [x])
+    np.testing.assert_array_equal(got, want)
+    assert got.min() == qmin and got.max() == qmax  # both edges of the range are exercised
+
+
+def test_clamped_function_named_with_the_range():
+    w = np.ones((4, 2, 3, 3), np.int8)
+    assert IntConv2d(w, None, 0.1, padding=1, qmin=0, qmax=15).op_type == "IntConv2d_s1x1_p1x1x1x1_d1x1_g1_c0x15"
+    op = IntConv2d(w, None, 0.1, qmin=-8, qmax=7)
+    assert op.function_proto().name == op.op_type == "IntConv2d_s1x1_p0x0x0x0_d1x1_g1_cm8x7"
+    assert IntConv2d(w, None, 0.1, qmin=-128, qmax=127).op_type == "IntConv2d_s1x1_p0x0x0x0_d1x1_g1"
+
+
+def test_int4_weights_stored_packed():
+    """The INT4 initializer holds two weights per byte: the file shrinks by half the weight bytes."""
+    rng = np.random.default_rng(2)
+    w = rng.integers(-7, 8, (64, 64, 3, 3)).astype(np.int8)
+    x = np.zeros((1, 64, 5, 5), np.int8)
+    m8 = single_op_model(IntConv2d(w, None, 2.0**-10), [x])
+    m4 = single_op_model(IntConv2d(w, None, 2.0**-10, weight_bits=4), [x])
+    packed = next(t for t in m4.graph.initializer if t.name == "w.int4")
+    assert packed.data_type == onnx.TensorProto.INT4 and len(packed.raw_data) == w.size // 2
+    assert [n.op_type for n in m4.graph.node] == ["Cast", m4.graph.node[1].op_type]
+    saved = len(m8.SerializeToString()) - len(m4.SerializeToString())
+    # everything else (the function body, the other params) is the same, up to the Cast node and the names
+    assert abs(saved - w.size // 2) < 100, saved
+
+
+def test_refuses_int4_weight_out_of_range():
+    with pytest.raises(ValueError, match=r"IntConv2d: weight has values in \[-9, 7\], outside .* \[-8, 7\]"):
+        IntConv2d(np.array([[[[-9, 7]]]]), None, 0.1, weight_bits=4)
+    with pytest.raises(ValueError, match="IntConv2d: weight_bits must be 4 or 8"):
+        IntConv2d(np.ones((1, 1, 1, 1)), None, 0.1, weight_bits=2)
+    with pytest.raises(ValueError, match=r"IntConv2d: clamp range \[-200, 0\]"):
+        IntConv2d(np.ones((1, 1, 1, 1)), None, 0.1, qmin=-200, qmax=0)

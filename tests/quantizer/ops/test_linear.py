@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from intq.quantizer.ops.linear import MAX_K, IntLinear, IntLinearAcc
+from intq.quantizer.ops.linear import MAX_K, IntLinear, IntLinear16, IntLinearAcc
 from intq.quantizer.ops.onnx_fn import single_op_model
 
 INT8 = st.integers(-128, 127)
@@ -185,3 +185,42 @@ def test_refuses_ratio_past_requantize_margin():
 def test_refuses_malformed_params(weight, bias, ratio, message):
     with pytest.raises(ValueError, match=message):
         IntLinear(weight, bias, ratio)
+
+
+# --- (d) clamp ranges and 4-bit weights (issue 5) ------------------------------------------------
+
+
+@pytest.mark.parametrize(("qmin", "qmax"), [(-128, 127), (-8, 7), (0, 15), (0, 127)])
+@pytest.mark.parametrize("weight_bits", [8, 4])
+def test_clamp_range_and_int4_weights_exact(qmin, qmax, weight_bits):
+    rng = np.random.default_rng(3)
+    lo, hi = (-8, 7) if weight_bits == 4 else (-128, 127)
+    x = rng.integers(-128, 128, (5, 3, 40)).astype(np.int8)
+    w = rng.integers(lo, hi + 1, (9, 40)).astype(np.int8)
+    w[0], w[1] = lo, hi
+    b = rng.integers(-(2**12), 2**12, 9).astype(np.int32)
+    ratio = dyadic_ratios(9, exponent=-7 if weight_bits == 4 else -11)
+    op = IntLinear(w, b, ratio, qmin, qmax, weight_bits=weight_bits)
+    assert op.op_type == "IntLinear" + ("" if (qmin, qmax) == (-128, 127) else f"_c{qmin}x{qmax}".replace("-", "m"))
+    got = run_both(op, [x])
+    np.testing.assert_array_equal(got, round_clip(reference_acc(x, w, b) * ratio, qmin, qmax))
+    assert got.min() == qmin and got.max() == qmax
+
+
+def test_int4_weights_acc_and_int16_variants():
+    rng = np.random.default_rng(4)
+    x = rng.integers(-128, 128, (4, 16)).astype(np.int8)
+    w = np.full((3, 16), -8, np.int8)
+    b = np.array([0, 5, -5], np.int32)
+    acc = run_both(IntLinearAcc(w, b, weight_bits=4), [x])
+    np.testing.assert_array_equal(acc, reference_acc(x, w, b))
+    op16 = IntLinear16(w, b, 0.5, weight_bits=4)
+    assert op16.op_type == "IntLinear16" and op16.packed_int4 == frozenset({"w"})
+    np.testing.assert_array_equal(run_both(op16, [x]), round_clip(reference_acc(x, w, b) * 0.5, -32768, 32767))
+
+
+def test_class_function_is_the_default_configuration():
+    assert IntLinear.function_proto().name == "IntLinear"
+    assert IntLinear16.function_proto().name == "IntLinear16"
+    with pytest.raises(ValueError, match=r"IntLinear: clamp range \[0, 200\]"):
+        IntLinear(np.ones((2, 2), np.int8), None, 0.1, 0, 200)
