@@ -39,6 +39,8 @@ class CallTirRewrite:
                 bindings, uses = relax.analysis.get_var2val(func), use_counts(func)
 
                 def rewriter(call, _matchings, bindings=bindings, uses=uses):
+                    if not isinstance(call, relax.Call):  # the matcher also offers a variable bound to a match
+                        return call
                     return self.rewrite(mod, bb, bindings, uses, call)
 
                 bb.update_func(gv, rewrite_call(self.pattern, rewriter, func))

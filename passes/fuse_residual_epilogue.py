@@ -21,7 +21,9 @@ with ``intq.op`` / ``intq.immediates``, see ``passes/ops/base.py``), before
 ``tvm.compile`` (whose default CPU pipeline does not fuse call_tir kernels).
 A pair is left unchanged, the reason recorded in ``skipped`` under the
 linear's output name, when the linear's output has another use, when its
-consumer is not an ``IntAdd``, or when the add broadcasts the linear's output
+consumer is not an ``IntAdd`` (``IntAdd_c<lo>x<hi>``, a CNN's int8 residual
+add with its own clamp, is not: the fused kernel computes the int16 add),
+or when the add broadcasts the linear's output
 (the fused kernel computes the linear once per output element, at the
 output's shape).  ``fused`` lists the linear outputs folded away.
 """
@@ -33,7 +35,7 @@ from collections import Counter
 from intq.passes.call_tir_rewrite import CallTirRewrite
 from intq.passes.compat import Analyzer, relax, te, tensor_type, tirx, tvm
 from intq.passes.ops.add import IntAdd, add_values, broadcast_index
-from intq.passes.ops.base import OP_ATTR, Operand, kernel_op, kernel_operands
+from intq.passes.ops.base import OP_ATTR, Operand, kernel_op, kernel_operands, split_range_suffix
 from intq.passes.ops.linear import IntLinear16, int_matmul_te, requantize_acc
 
 FUSED_OP = "IntLinear16+IntAdd"  # the intq.op of the fused kernel
@@ -102,6 +104,12 @@ class FuseResidualEpilogue(CallTirRewrite):
         if uses[lin] != 1:
             return f"the linear's output is used {uses[lin]} times"
         consumer = kernel_op(mod, call)
+        base, qmin, qmax = split_range_suffix(consumer or "")
+        if base == IntAdd.op_type and qmin is not None:
+            return (
+                f"its consumer {consumer} clamps to [{qmin}, {qmax}] in int8; "
+                "the fused kernel computes the int16 IntAdd"
+            )
         if consumer != IntAdd.op_type:
             return f"its consumer {call.args[0].name_hint} ({consumer or 'no intq.op'}) is not an IntAdd"
         if not same_shape(lin, call):

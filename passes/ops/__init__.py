@@ -15,6 +15,7 @@ from intq.passes.ops.matmul import IntMatMul, IntMatMulAcc
 from intq.passes.ops.requantize import Requantize
 from intq.passes.ops.shiftgelu import ShiftGELU
 from intq.passes.ops.shiftmax import Shiftmax
+from intq.passes.ops.unpack_int4 import UnpackInt4
 
 CONVERTERS: dict[str, type[IntqConverter]] = {
     cls.op_type: cls for cls in (Requantize, IntLinear, IntLinear16, IntLinearAcc, Shiftmax, ShiftGELU)
@@ -22,5 +23,6 @@ CONVERTERS: dict[str, type[IntqConverter]] = {
 CONVERTERS.update({cls.op_type: cls for cls in (IntMatMul, IntMatMulAcc, IntAdd, IntConv2d)})
 
 CONVERTERS[ILayerNorm.op_type] = ILayerNorm
+CONVERTERS[UnpackInt4.op_type] = UnpackInt4
 
 __all__ = ["CONVERTERS", "INTQ_DOMAIN", "IntqConverter", "IntqLoweringError"]

@@ -1,6 +1,7 @@
 """TVM lowering of ``intq.IntAdd`` (spec: ``quantizer/ops/add.py``).
 
-    y = clamp((a * m_a + b * m_b + 2**(s-1)) >> s, -32768, 32767)    (int16)
+    y = clamp((a * m_a + b * m_b + 2**(s-1)) >> s, -32768, 32767)    (int16; op type IntAdd)
+    y = clamp((a * m_a + b * m_b + 2**(s-1)) >> s, qmin, qmax)        (int8; IntAdd_c<qmin>x<qmax>)
 
 ``a``, ``b``: int8 or int16 (independently), any rank, broadcast as in
 numpy; ``m_a``, ``m_b``: int64, a scalar or one value per channel of the
@@ -9,6 +10,10 @@ inputs are widened to int64 before their products, the sum is exact
 (``|a*m_a + b*m_b| + 2**(s-1) < 2**62``, the constructor's margin), and it is
 rounded once by the shared requantize primitive with multiplier 1.  One
 PrimFunc, one elementwise block; single-element params are immediates.
+The default is the int16 residual stream of a transformer; an op type with
+a clamp range suffix (``IntAdd_c0x127``: a CNN's residual add with the
+ReLU fused as the clamp) has that range, which must lie inside int8, and an
+int8 output.
 
 Broadcasting (``broadcast_shape``, ``broadcast_index``) follows ONNX (numpy)
 on every shape ONNX accepts, symbolic dims included.  Aligned dims that are
@@ -81,19 +86,38 @@ def broadcast_index(shape: Sequence[tirx.PrimExpr], out_shape: Sequence[tirx.Pri
     return tuple(read)
 
 
-def add_values(wide_a: tirx.PrimExpr, wide_b: tirx.PrimExpr, m_a: Operand, m_b: Operand, s: Operand, index: tuple):
-    """The int16 sum at output ``index`` of the operand values ``wide_a``, ``wide_b`` (already int64)."""
+def add_values(
+    wide_a: tirx.PrimExpr,
+    wide_b: tirx.PrimExpr,
+    m_a: Operand,
+    m_b: Operand,
+    s: Operand,
+    index: tuple,
+    qmin: int = QMIN,
+    qmax: int = QMAX,
+    out_dtype: str = "int16",
+):
+    """The sum at output ``index`` of the operand values ``wide_a``, ``wide_b`` (already int64); int16 by default."""
     total = wide_a * read_param(m_a, index) + wide_b * read_param(m_b, index)
-    return dyadic.requantize(total, tirx.const(1, "int64"), read_param(s, index), QMIN, QMAX, "int16")
+    return dyadic.requantize(total, tirx.const(1, "int64"), read_param(s, index), qmin, qmax, out_dtype)
 
 
-def add_te(a: te.Tensor, b: te.Tensor, m_a: Operand, m_b: Operand, s: Operand) -> te.Tensor:
+def add_te(
+    a: te.Tensor,
+    b: te.Tensor,
+    m_a: Operand,
+    m_b: Operand,
+    s: Operand,
+    qmin: int = QMIN,
+    qmax: int = QMAX,
+    out_dtype: str = "int16",
+) -> te.Tensor:
     shape = broadcast_shape(a.shape, b.shape)
 
     def body(*i):
         wide_a = a[broadcast_index(a.shape, shape, i)].astype("int64")
         wide_b = b[broadcast_index(b.shape, shape, i)].astype("int64")
-        return add_values(wide_a, wide_b, m_a, m_b, s, i)
+        return add_values(wide_a, wide_b, m_a, m_b, s, i, qmin, qmax, out_dtype)
 
     return te.compute(shape, body, name="add")
 
@@ -101,6 +125,7 @@ def add_te(a: te.Tensor, b: te.Tensor, m_a: Operand, m_b: Operand, s: Operand) -
 class IntAdd(IntqConverter):
     op_type = "IntAdd"
     inputs = ("a", "b", "m_a", "m_b", "s")
+    qmin, qmax, out_dtype, ranged_dtype = QMIN, QMAX, "int16", "int8"
 
     @classmethod
     def convert(cls, bb: relax.BlockBuilder, node: str, args: dict[str, relax.Expr]) -> relax.Expr:
@@ -116,6 +141,7 @@ class IntAdd(IntqConverter):
         for name in ("m_a", "m_b", "s"):
             check_trailing_broadcast(cls, node, name, args[name], out_static)
         m_a, m_b, s = (param_operand(args[name]) for name in ("m_a", "m_b", "s"))
+        qmin, qmax, out_dtype = cls.output_range(node)
         return bb.call_te(
             add_te,
             args["a"],
@@ -123,6 +149,9 @@ class IntAdd(IntqConverter):
             m_a,
             m_b,
             s,
+            qmin,
+            qmax,
+            out_dtype,
             primfunc_name_hint="intq_add",
             primfunc_attrs=kernel_attrs(cls.op_type, m_a=m_a, m_b=m_b, s=s),
         )

@@ -28,6 +28,17 @@ Constant params: a param that is an ONNX initializer of a single element
 sees a constant multiplier and shift; larger ones (per-channel) stay buffer
 arguments of the PrimFunc.
 
+Clamp ranges: an op that ends in a requantize may clamp to a range other
+than its default (a 4-bit activation ``[-8, 7]``, an unsigned one after a
+fused ReLU ``[0, 15]``); the range is then part of the op type, as the suffix
+``_c<lo>x<hi>`` with a minus sign written ``m`` (``Requantize_c0x15``,
+``IntConv2d_s1x1_p1x1x1x1_d1x1_g1_cm8x7``; ``quantizer/ops/base.py``
+``range_suffix`` writes it, ``split_range_suffix`` reads it back).  A
+converter that takes one declares ``ranged_dtype`` (the output dtype of a
+ranged instance); ``onnx_import.converter_for`` binds ``clamp_range`` on a
+subclass for a suffixed node, and ``output_range`` gives the kernel its
+``(qmin, qmax, dtype)``.
+
 Kernel attributes: the converters of the ops that the epilogue fusion passes
 (``passes/fuse_*_epilogue.py``) combine tag their PrimFunc with
 ``kernel_attrs``: ``intq.op`` (the op type) and ``intq.immediates`` (the
@@ -39,6 +50,7 @@ rebuild a combined kernel from the same helpers.
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar
 
 import numpy as np
@@ -48,6 +60,8 @@ from intq.passes.compat import OnnxOpConverter, constant_value, relax, te, tenso
 INTQ_DOMAIN = "intq"  # the ONNX domain of our functions (quantizer.ops.base.INTQ_DOMAIN; no torch here)
 OP_ATTR = "intq.op"  # PrimFunc attr: the intq op type the kernel computes
 IMMEDIATES_ATTR = "intq.immediates"  # PrimFunc attr: {param name: value} of the params baked in
+_RANGE_SUFFIX = re.compile(r"_c(m?)(\d+)x(m?)(\d+)$")
+_DTYPE_RANGES = {"int8": (-128, 127), "int16": (-32768, 32767), "int32": (-(2**31), 2**31 - 1)}
 
 #: A param as a kernel sees it: a TE tensor (buffer argument) or a Python int (immediate).
 Operand = te.Tensor | int
@@ -62,6 +76,16 @@ class IntqConverter(OnnxOpConverter):
 
     op_type: ClassVar[str]
     inputs: ClassVar[tuple[str, ...]]
+    #: the output clamp range and dtype without a range suffix
+    qmin: ClassVar[int] = -128
+    qmax: ClassVar[int] = 127
+    out_dtype: ClassVar[str] = "int8"
+    #: the output dtype of an instance whose op type carries a range suffix; None: the op takes no range
+    ranged_dtype: ClassVar[str | None] = None
+    #: the range of the node's suffix, bound by ``onnx_import.converter_for``; None: the default range
+    clamp_range: ClassVar[tuple[int, int] | None] = None
+    #: the node attributes ``convert`` reads, passed to it as keyword arguments (all required)
+    attributes: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def _impl_v1(cls, bb: relax.BlockBuilder, inputs, attr: dict, params) -> relax.Expr:
@@ -80,15 +104,46 @@ class IntqConverter(OnnxOpConverter):
                     f"{INTQ_DOMAIN}.{cls.op_type} node {node!r}: input {name!r} has unknown rank; "
                     "give the ONNX graph input a shape (dims may be symbolic)"
                 )
-        return cls.convert(bb, node, args)
+        missing = [name for name in cls.attributes if name not in attr]
+        if missing:
+            raise IntqLoweringError(f"{INTQ_DOMAIN}.{cls.op_type} node {node!r}: missing attributes {missing}")
+        return cls.convert(bb, node, args, **{name: attr[name] for name in cls.attributes})
 
     @classmethod
-    def convert(cls, bb: relax.BlockBuilder, node: str, args: dict[str, relax.Expr]) -> relax.Expr:
+    def convert(cls, bb: relax.BlockBuilder, node: str, args: dict[str, relax.Expr], **attributes) -> relax.Expr:
         raise NotImplementedError
 
     @classmethod
     def fail(cls, node: str, message: str) -> IntqLoweringError:
         return IntqLoweringError(f"{INTQ_DOMAIN}.{cls.op_type} node {node!r}: {message}")
+
+    @classmethod
+    def output_range(cls, node: str) -> tuple[int, int, str]:
+        """``(qmin, qmax, out_dtype)`` of the kernel: the default, or the suffix's range in ``ranged_dtype``."""
+        if cls.clamp_range is None:
+            return cls.qmin, cls.qmax, cls.out_dtype
+        qmin, qmax = cls.clamp_range
+        dtype = cls.ranged_dtype
+        if dtype is None:
+            raise cls.fail(node, "this op takes no clamp range suffix (_c<lo>x<hi>): re-export the model")
+        lo, hi = _DTYPE_RANGES[dtype]
+        if not lo <= qmin < qmax <= hi:
+            raise cls.fail(
+                node, f"the clamp range [{qmin}, {qmax}] of its op type must lie inside {dtype} [{lo}, {hi}]: re-export"
+            )
+        return qmin, qmax, dtype
+
+
+def split_range_suffix(op_type: str) -> tuple[str, int | None, int | None]:
+    """``op_type`` without its clamp range suffix, and the range: ``"Requantize_cm8x7"`` -> ``("Requantize", -8, 7)``.
+
+    ``(op_type, None, None)`` when it has no suffix.
+    """
+    match = _RANGE_SUFFIX.search(op_type)
+    if match is None:
+        return op_type, None, None
+    lo_neg, lo, hi_neg, hi = match.groups()
+    return op_type[: match.start()], -int(lo) if lo_neg else int(lo), -int(hi) if hi_neg else int(hi)
 
 
 def dtype_of(expr: relax.Expr) -> str:

@@ -1,7 +1,7 @@
 """TVM lowering of ``intq.IntConv2d_*`` (spec: ``quantizer/ops/conv.py``).
 
     acc[n, o, h, w] = sum_{c, i, j} xpad[n, g(o)*Cg + c, h*sh + i*dh, w*sw + j*dw] * wt[o, c, i, j]   (int32)
-    y               = clamp(((acc + b[o]) * m[o] + 2**(s[o]-1)) >> s[o], -128, 127)               (int8)
+    y               = clamp(((acc + b[o]) * m[o] + 2**(s[o]-1)) >> s[o], qmin, qmax)             (int8)
 
 ``x``: int8 NCHW ``[B, C, H, W]`` (any dim but ``C`` may be symbolic);
 ``wt``: int8 ``[O, Cg, kh, kw]`` with ``Cg = C / groups``; ``b``: int32
@@ -19,7 +19,15 @@ function, named ``IntConv2d_s<sh>x<sw>_p<top>x<left>x<bottom>x<right>_d<dh>x<dw>
 ``IntConv2d`` declares ``configured_by_name``, so ``onnx_import`` routes
 every ``IntConv2d_<config>`` node to a subclass whose ``op_type`` is that
 name; ``convert`` parses it and refuses, naming the node, one that does not
-parse or does not fit the operands.
+parse or does not fit the operands.  ``[qmin, qmax]`` is ``[-128, 127]``, or
+the range of a clamp suffix after the configuration
+(``IntConv2d_s1x1_p1x1x1x1_d1x1_g1_c0x15``: a fused ReLU into 4 bits).
+
+The kernel is tagged ``intq.op`` (the node's op type, configuration and
+range included) with ``m``, ``s`` as ``intq.immediates`` when baked in, so
+the schedules (``passes/schedules/conv.py``) can rebuild it from its
+operands; the pad, reduction and requantize blocks are named ``pad``,
+``acc``, ``requantize``.
 """
 
 from __future__ import annotations
@@ -35,8 +43,10 @@ from intq.passes.ops.base import (
     Operand,
     check_trailing_broadcast,
     dtype_of,
+    kernel_attrs,
     param_operand,
     read_param,
+    split_range_suffix,
     static_shape,
 )
 
@@ -77,6 +87,8 @@ def conv2d_te(
     pads: tuple[int, int, int, int],
     dilation: tuple[int, int],
     groups: int,
+    qmin: int = -128,
+    qmax: int = 127,
 ) -> te.Tensor:
     """The whole op; the configuration as plain ints, which ``call_te`` passes through."""
     batch, channels, height, width = x.shape
@@ -109,7 +121,7 @@ def conv2d_te(
 
     def epilogue(*i):
         total = acc[i].astype("int64") + b[i[1]].astype("int64")
-        return dyadic.requantize(total, read_param(m, i), read_param(s, i), -128, 127, "int8")
+        return dyadic.requantize(total, read_param(m, i), read_param(s, i), qmin, qmax, "int8")
 
     return te.compute(acc.shape, epilogue, name="requantize")
 
@@ -117,30 +129,36 @@ def conv2d_te(
 class IntConv2d(IntqConverter):
     op_type = FAMILY
     inputs = ("x", "w", "b", "m", "s")
+    ranged_dtype = "int8"
     #: node op types are ``IntConv2d_<config>``; ``onnx_import`` binds ``op_type`` to the node's.
     configured_by_name: ClassVar[bool] = True
 
     @classmethod
     def convert(cls, bb: relax.BlockBuilder, node: str, args: dict[str, relax.Expr]) -> relax.Expr:
         try:
-            config = ConvConfig.parse(cls.op_type)
+            config = ConvConfig.parse(split_range_suffix(cls.op_type)[0])
         except ValueError as err:
             raise cls.fail(node, str(err)) from None
+        qmin, qmax, _ = cls.output_range(node)
         out_shape = cls.check_operands(node, args, config)
         for name in ("m", "s"):
             check_trailing_broadcast(cls, node, name, args[name], out_shape)
+        m, s = param_operand(args["m"]), param_operand(args["s"])
         return bb.call_te(
             conv2d_te,
             args["x"],
             args["w"],
             args["b"],
-            param_operand(args["m"]),
-            param_operand(args["s"]),
+            m,
+            s,
             config.stride,
             config.pads,
             config.dilation,
             config.groups,
+            qmin,
+            qmax,
             primfunc_name_hint="intq_conv2d",
+            primfunc_attrs=kernel_attrs(cls.op_type, m=m, s=s),
         )
 
     @classmethod

@@ -1,7 +1,7 @@
 """TVM lowering of ``intq.IntLinear``, ``IntLinear16``, ``IntLinearAcc`` (spec: ``quantizer/ops/linear.py``).
 
     acc = x @ w.T                                        (int8 x int8 products, int32 sum)
-    IntLinear:    y = clamp(((acc + b) * m + 2**(s-1)) >> s, -128, 127)      (int8; bias added in int64)
+    IntLinear:    y = clamp(((acc + b) * m + 2**(s-1)) >> s, qmin, qmax)    (int8; bias added in int64)
     IntLinear16:  y = clamp(((acc + b) * m + 2**(s-1)) >> s, -32768, 32767)  (int16)
     IntLinearAcc: y = acc + b                                                (int32)
 
@@ -14,6 +14,9 @@ accumulator: exact, because the exporter's constructor proved ``|acc + b| <
 that makes onnxruntime's ``MatMulInteger`` exact.  As in the ONNX function,
 the requantizing forms add the bias in int64 after widening; the
 accumulating form adds it in int32.
+
+``IntLinear``'s ``[qmin, qmax]`` is ``[-128, 127]`` or the range of its op
+type's suffix (``IntLinear_c0x15``), inside int8.
 
 One PrimFunc per node with two blocks: the reduction (``acc``) and the
 elementwise epilogue (bias, requantize, cast).
@@ -31,6 +34,7 @@ from intq.passes.ops.base import (
     kernel_attrs,
     param_operand,
     read_param,
+    split_range_suffix,
     static_shape,
 )
 
@@ -84,10 +88,11 @@ class _LinearConverter(IntqConverter):
 class IntLinear(_LinearConverter):
     op_type = "IntLinear"
     inputs = ("x", "w", "b", "m", "s")
-    qmin, qmax, out_dtype = -128, 127, "int8"
+    qmin, qmax, out_dtype, ranged_dtype = -128, 127, "int8", "int8"
 
     @classmethod
     def convert(cls, bb: relax.BlockBuilder, node: str, args: dict[str, relax.Expr]) -> relax.Expr:
+        qmin, qmax, out_dtype = cls.output_range(node)
         out_shape = cls.check_operands(node, args)
         for name in ("m", "s"):
             check_trailing_broadcast(cls, node, name, args[name], out_shape)
@@ -99,17 +104,17 @@ class IntLinear(_LinearConverter):
             args["b"],
             m,
             s,
-            cls.qmin,
-            cls.qmax,
-            cls.out_dtype,
-            primfunc_name_hint=f"intq_{cls.op_type.lower()}",
+            qmin,
+            qmax,
+            out_dtype,
+            primfunc_name_hint=f"intq_{split_range_suffix(cls.op_type)[0].lower()}",
             primfunc_attrs=kernel_attrs(cls.op_type, m=m, s=s),
         )
 
 
 class IntLinear16(IntLinear):
     op_type = "IntLinear16"
-    qmin, qmax, out_dtype = -32768, 32767, "int16"
+    qmin, qmax, out_dtype, ranged_dtype = -32768, 32767, "int16", None
 
 
 class IntLinearAcc(_LinearConverter):

@@ -252,3 +252,46 @@ def test_fused_kernel_is_bit_exact_on_saturating_integers(producer, params):
         np.testing.assert_array_equal(got, session.run(None, feeds)[0])
         outputs.append(got.ravel())
     assert {I8.min, I8.max} <= set(np.concatenate(outputs).tolist())  # the requantize saturated both ways
+
+
+# --- clamp ranges: Requantize_c<lo>x<hi> ---------------------------------------------------------------
+
+RANGED_REQUANTIZE = Requantize(1e-3, qmin=0, qmax=15)  # a fused ReLU into 4 bits
+RANGED_LINEAR = IntLinear(np.ones((1, 1), np.int8), np.zeros(1, np.int32), 1e-3, qmin=0, qmax=15)
+
+
+def ranged(model, fused: bool = False):
+    """``model`` with its requantizing node clamping to [0, 15] (``Requantize_c0x15`` / ``IntLinear_c0x15``)."""
+    op = RANGED_LINEAR if fused else RANGED_REQUANTIZE
+    node = model.graph.node[-1]
+    node.op_type = op.op_type
+    model.functions.append(op.function_proto())
+    return model
+
+
+@pytest.mark.parametrize("params", ["scalar", "per_channel"])
+def test_ranged_requantize_fuses_into_the_ranged_intlinear(params):
+    model = ranged(accumulator_model("IntLinearAcc", params))
+    before = import_onnx(model)
+    fuse = FuseRequantizeEpilogue()
+    after = fuse(before)
+    assert fuse.fused == ["lv"] and fuse.skipped == {}
+    expected = import_onnx(ranged(accumulator_model("IntLinearAcc", params, fused=True), fused=True))
+    compat.tvm.ir.assert_structural_equal(after, expected)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    fused = build(after)
+    outputs = []
+    for rows, seed in ((2, 1), (23, 2)):
+        feeds = adversarial_feeds("IntLinearAcc", params, rows, seed)
+        (got,) = run(fused, feeds)
+        np.testing.assert_array_equal(got, session.run(None, feeds)[0])
+        outputs.append(got.ravel())
+    assert {0, 15} <= set(np.concatenate(outputs).tolist()) <= set(range(16))
+
+
+def test_ranged_requantize_of_a_matmul_is_left_unfused():
+    before = import_onnx(ranged(accumulator_model("IntMatMulAcc")))
+    fuse = FuseRequantizeEpilogue()
+    compat.tvm.ir.assert_structural_equal(fuse(before), before)
+    reason = "its consumer Requantize_c0x15 clamps to [0, 15]; the IntMatMul kernel clamps to [-128, 127] only"
+    assert fuse.fused == [] and fuse.skipped == {"lv": reason}

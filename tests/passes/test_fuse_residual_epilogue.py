@@ -240,3 +240,24 @@ def test_fused_kernel_is_bit_exact_on_saturating_integers(linear_at):
         np.testing.assert_array_equal(got, session.run(None, feeds)[0])
         outputs.append(got)
     assert {I16.min, I16.max} <= set(np.concatenate(outputs).ravel().tolist())  # the add saturated both ways
+
+
+def test_ranged_int8_add_is_left_unfused():
+    """``IntAdd_c0x127`` (a residual add with its ReLU) clamps in int8: the int16 fused kernel must not take it."""
+    model = residual_model()
+    ranged = IntAdd(0.5, 0.5, qmin=0, qmax=127)
+    model.graph.node[1].op_type = ranged.op_type
+    model.graph.output[0].type.tensor_type.elem_type = TensorProto.INT8
+    model.functions.append(ranged.function_proto())
+    before = import_onnx(model)
+    fuse = FuseResidualEpilogue()
+    compat.tvm.ir.assert_structural_equal(fuse(before), before)
+    reason = "its consumer IntAdd_c0x127 clamps to [0, 127] in int8; the fused kernel computes the int16 IntAdd"
+    assert fuse.fused == [] and fuse.skipped == {"lv": reason}
+    feeds = adversarial_feeds(5, 3)
+    (got,) = run(build(before), feeds)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = session.run(None, feeds)[0]
+    assert got.dtype == want.dtype == np.int8
+    np.testing.assert_array_equal(got, want)
+    assert {0, 127} <= set(got.ravel().tolist())
