@@ -9,6 +9,7 @@ the same values onnxruntime gives on ``model.int.onnx``.
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -84,4 +85,9 @@ def load(folder) -> CompiledModel:
     library = folder / lib
     if not library.is_file():
         raise ArtifactError(f"the library {library} named in {manifest_path} is missing.")
+    if manifest["target"].get("name") == "arm" and platform.machine() not in ("aarch64", "arm64"):
+        raise ArtifactError(
+            f"{library} is an aarch64 library (--target arm) and this is a {platform.machine()} machine: load it on "
+            "an aarch64 Linux machine, or run it here under qemu with intq.passes.arm.run_under_qemu."
+        )
     return CompiledModel(folder, manifest, library)

@@ -29,6 +29,16 @@ Written against apache-tvm 0.27, which renamed much of the older API:
   crashes on any IR node (``tvm.ir.save_json(tirx.IntImm("int32", 1))``
   does too).  ``tensorize`` below does the same substitution without the copy.
 
+``relax.transform.FoldConstant`` (in ``tvm.compile``'s CPU pipeline)
+evaluates at compile time every ``call_tir`` whose arguments are all
+constants (by value or through a variable bound to one) and whose output
+shape is static.  It does not look through ``match_cast``:
+``opaque_constant`` binds a constant that way, so that a kernel reading it
+(the run-time unpacking of packed 4-bit weights) stays a run-time call.
+``relax.transform.DeadCodeElimination`` keeps every ``match_cast`` (one may
+fail at run time): ``drop_unused_opaque_constants`` removes those bindings
+once nothing reads them.
+
 The ONNX frontend (``tvm.relax.frontend.onnx``) dispatches every node by its
 ``op_type`` alone (the domain is ignored) through the module-level function
 ``_get_convert_map()``, looked up at call time by both the unsupported-op
@@ -55,11 +65,14 @@ __all__ = [
     "TensorType",
     "build",
     "constant_value",
+    "cross_compiler",
     "extended_convert_map",
     "from_onnx",
     "frontend_convert_map",
     "host_target",
     "make_target",
+    "opaque_constant",
+    "drop_unused_opaque_constants",
     "relax",
     "s_tir",
     "te",
@@ -86,6 +99,38 @@ _convert_map_lock = threading.RLock()
 def constant_value(expr: relax.Expr) -> np.ndarray | None:
     """The numpy value of a Relax constant (e.g. an ONNX initializer), else None."""
     return expr.value.numpy() if isinstance(expr, tvm.ir.Constant) else None
+
+
+def opaque_constant(bb: relax.BlockBuilder, expr: relax.Expr) -> relax.Expr:
+    """``expr`` bound through ``match_cast`` (to its own type) when it is a constant, so FoldConstant keeps
+    the kernels reading it; anything else unchanged."""
+    if not isinstance(expr, tvm.ir.Constant):
+        return expr
+    return bb.match_cast(expr, tensor_type(expr))
+
+
+@relax.expr_functor.mutator
+class _DropUnusedCasts(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, used: set):
+        super().__init__(mod)
+        self.used = used
+
+    def visit_match_cast_(self, binding) -> None:
+        if isinstance(binding.value, tvm.ir.Constant) and binding.var not in self.used:
+            return  # dead: Relax's DeadCodeElimination keeps every match_cast (it may fail at run time)
+        super().visit_match_cast_(binding)
+
+
+def drop_unused_opaque_constants(mod: tvm.IRModule) -> tvm.IRModule:
+    """``mod`` without the ``opaque_constant`` bindings nothing reads any more."""
+    used: set = set()
+    functions = [(gv, f) for gv, f in mod.functions.items() if isinstance(f, relax.Function)]
+    for _, func in functions:
+        relax.analysis.post_order_visit(func.body, lambda e: isinstance(e, relax.Var) and used.add(e))
+    mutator = _DropUnusedCasts(mod, used)
+    for gv, func in functions:
+        mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
 
 
 def tensor_type(expr: relax.Expr) -> relax.TensorType:
@@ -119,6 +164,13 @@ def host_target() -> tvm.target.Target:
 def build(mod: tvm.IRModule, target: tvm.target.Target):
     """Compile a Relax module with the default pipeline (``relax.build`` under the hood)."""
     return tvm.compile(mod, target=target)
+
+
+def cross_compiler(cxx: str):
+    """An ``export_library`` ``fcompile`` that links with the cross compiler ``cxx`` (0.27: ``tvm.support.cc``)."""
+    from tvm.support import cc
+
+    return cc.cross_compiler(cxx)
 
 
 def vm_device(target: tvm.target.Target) -> tvm.runtime.Device:

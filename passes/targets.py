@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 
 from intq.passes import compat
 
-TARGET_NAMES = ("x86",)
+TARGET_NAMES = ("x86", "arm", "cuda")
 
 
 def _export_host(executable, path: str) -> None:
@@ -47,8 +47,64 @@ def _x86(spec: Mapping | None = None) -> TargetSpec:
     return TargetSpec("x86", compat.host_target() if spec is None else compat.make_target(spec))
 
 
+#: aarch64 Linux with NEON and the dot-product extension (Armv8.2-A and later: Cortex-A55/A76, Neoverse N1,
+#: Graviton 2, Apple M1), the ``sdot`` of the linears' schedule (``schedules/arm_int8.py``)
+ARM_TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}
+
+
+def _export_arm(executable, path: str) -> None:
+    from intq.passes import arm
+
+    arm.export_library(executable, path)
+
+
+def _arm(spec: Mapping | None = None) -> TargetSpec:
+    """Cross-compiled (``aarch64-linux-gnu-g++``); checked by running under qemu (``passes/arm.py``)."""
+    return TargetSpec("arm", compat.make_target(ARM_TARGET if spec is None else spec), False, _export_arm)
+
+
+#: an NVIDIA GPU; the int8 GEMMs use ``__dp4a`` (``schedules/cuda_int8.py``), which needs ``sm_61`` or newer
+CUDA_TARGET = {"kind": "cuda", "arch": "sm_80"}
+MIN_CUDA_ARCH = 61
+
+
+def cuda_device_present() -> bool:
+    """Whether this process sees a CUDA device (TVM's CUDA runtime loaded and a GPU behind it)."""
+    return bool(compat.tvm.cuda(0).exist)
+
+
+def _cuda(spec: Mapping | None = None) -> TargetSpec:
+    """The GPU of ``spec`` (``arch`` defaults to ``sm_80``) with the host CPU (LLVM) as its host side."""
+    spec = {**CUDA_TARGET, **(spec or {})}
+    arch = str(spec["arch"])
+    digits = arch.removeprefix("sm_").rstrip("af")
+    if not arch.startswith("sm_") or not digits.isdigit():
+        raise ValueError(f"cuda target: arch {arch!r} is not a CUDA architecture such as 'sm_80' or 'sm_90'")
+    if int(digits) < MIN_CUDA_ARCH:
+        raise ValueError(
+            f"cuda target: arch {arch} has no int8 dot product (__dp4a needs sm_{MIN_CUDA_ARCH} or newer); "
+            "choose a newer arch such as 'sm_80'"
+        )
+    host = spec.pop("host", None)
+    target = compat.tvm.target.Target(spec, host=compat.make_target(host) if host else compat.host_target())
+    return TargetSpec("cuda", target, runs_here=cuda_device_present())
+
+
+def cuda_device_code(executable) -> str:
+    """``"binary"`` when a cuda build holds its kernels compiled (a cubin), ``"source"`` when it holds CUDA source
+    only: what TVM writes where its CUDA runtime cannot load (no driver).  Build on the GPU machine for a library
+    to run there: whether TVM can load the source form on a GPU was not tested (no GPU was at hand)."""
+    pending = [executable.mod]
+    while pending:
+        module = pending.pop()
+        if module.kind == "cuda":
+            return "binary" if module.is_runnable() else "source"
+        pending.extend(module.imports)
+    raise ValueError("cuda_device_code: the executable holds no CUDA module; was it compiled for --target cuda?")
+
+
 # name -> factory; a factory takes the JSON dict the user gave (or None) and returns the spec
-_NAMED: dict[str, Callable[[Mapping | None], TargetSpec]] = {"x86": _x86}
+_NAMED: dict[str, Callable[[Mapping | None], TargetSpec]] = {"x86": _x86, "arm": _arm, "cuda": _cuda}
 
 
 def resolve_target(target: str | Mapping | None) -> TargetSpec:
@@ -65,6 +121,10 @@ def resolve_target(target: str | Mapping | None) -> TargetSpec:
             raise ValueError(f"target {target!r} is not valid JSON ({exc.msg} at column {exc.colno})") from None
     if isinstance(spec, Mapping):
         kind = str(spec.get("kind", "custom"))
+        if kind == "llvm" and str(spec.get("mtriple", "")).startswith("aarch64"):
+            return _arm(spec)
+        if kind == "cuda":
+            return _cuda(spec)
         return TargetSpec(kind, compat.make_target(spec)) if kind != "llvm" else _x86(spec)
     raise ValueError(
         f"unknown target {target!r}: use one of {', '.join(sorted(_NAMED))} or a TVM target JSON dict such as "

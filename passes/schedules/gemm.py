@@ -1,4 +1,11 @@
-"""The x86 AVX2 schedule of the linear kernels: packed constant weights, register tiles, the exact int8 dot.
+"""The CPU schedule of the linear kernels: packed constant weights, register tiles, an exact int8 dot instruction.
+
+One schedule, two instructions (``DotIntrinsic``): ``X86_AVX2`` (8 output
+channels x 4 reductions, ``x86_int8``) on an x86 target with AVX2, and
+``AARCH64_SDOT`` (4 x 4, ``sdot``, ``arm_int8``) on an aarch64 target with
+the dot-product extension; ``dot_intrinsic(target)`` picks one.  Below,
+``L`` is the instruction's lanes (output channels per call) and ``R`` its
+reduction length (4 for both).
 
 A kernel this schedule takes (``match_linear``) is one whose PrimFunc holds
 two blocks: the reduction ``acc[..., n] = sum_k int32(x[..., k]) *
@@ -17,19 +24,20 @@ The call site ``call_tir(kernel, (x, w, *params))`` becomes::
     y  = reshape(y2, y's shape)
 
 where ``w_packed`` is the weight constant packed at compile time into the
-intrinsic's layout, ``w_packed[jo, ko, j, k] = w[8 jo + j, 4 ko + k]`` (zero
+intrinsic's layout, ``w_packed[jo, ko, j, k] = w[L jo + j, R ko + k]`` (zero
 beyond ``N`` and ``K``), and ``params'`` are the params with an output-shaped
 one (the residual) flattened to ``[M, N]`` the same way.  The scheduled
-kernel, per tile of ``rows`` x ``8 col_blocks`` outputs (``Tiles``):
+kernel, per tile of ``rows`` x ``L col_blocks`` outputs (``Tiles``):
 
-1. copies the tile's rows of ``x`` into a panel ``[rows, 4 ceil(K/4)]``
+1. copies the tile's rows of ``x`` into a panel ``[rows, R ceil(K/R)]``
    (vectorized; rows past ``M`` repeat row ``M - 1``, columns past ``K`` are 0),
    so the last tile of a symbolic ``M`` and an odd ``K`` need no special
    case: the padded products are ``x * 0`` or land in rows never stored;
-2. accumulates ``rows x col_blocks`` ymm registers of 8 int32 over ``K`` in
-   steps of 4 with ``x86_int8.DOT_8X4_I8I8I32_AVX2`` (exact, see there);
+2. accumulates ``rows x col_blocks`` vector registers of ``L`` int32 over
+   ``K`` in steps of ``R`` with the instruction (exact, see ``x86_int8`` and
+   ``arm_int8``);
 3. applies ``E`` to the tile (the epilogue is computed at the tile,
-   vectorized 8 lanes wide) and stores the rows below ``M``.
+   vectorized ``L`` lanes wide) and stores the rows below ``M``.
 
 The loop over row tiles is parallel.  The accumulator tile stays in
 registers because its buffer keeps the ``global`` scope: compacted to the
@@ -43,21 +51,31 @@ vector temporary became a workspace buffer too).
 
 Everything is integer and each output
 is ``E`` of the exact ``acc``, so the result is the unscheduled kernel's bit
-for bit.  The default tile, ``rows = 2, col_blocks = 6`` (12 accumulators of
-the 16 ymm registers), measured 67-69 GMAC/s on one core for 197x192x768
-and 128x384x1536; every tile from 1x4 to 4x3 came within 5% of it: the
-loop is bound by its four vector instructions per 32 products
-(``vpsignb``, ``vpmaddubsw``, ``vpmaddwd``, ``vpaddd``), not by loads.
+for bit.  On x86 the default tile, ``rows = 2, col_blocks = 6`` (12
+accumulators of the 16 ymm registers), measured 67-69 GMAC/s on one core
+for 197x192x768 and 128x384x1536; every tile from 1x4 to 4x3 came within 5%
+of it: the loop is bound by its four vector instructions per 32 products
+(``vpsignb``, ``vpmaddubsw``, ``vpmaddwd``, ``vpaddd``), not by loads.  On
+aarch64 the default, ``rows = 4, col_blocks = 4`` (16 accumulators, 4
+weight and 4 activation registers of the 32), is the register budget's
+choice, not a measurement: no aarch64 machine was at hand (qemu's timings
+say nothing).
 
-Refused (the kernel is left as it is, the reason returned): a target without
-AVX2, a weight that is not a constant or holds ``-128`` (see
-``x86_int8``), an epilogue that reads a param at an index other than the
-output channel or the full output index, or ``x`` of unknown rank.
+A 4-bit weight (``UnpackInt4`` of a constant, ``KernelCall.int4``) is
+packed the same way and stored as nibbles, unpacked by an ``UnpackInt4``
+kernel at run time, so the artifact keeps it 4-bit.
+
+Refused (the kernel is left as it is, the reason returned): a target
+without the instruction (AVX2; aarch64's ``+dotprod``), a weight that is
+not a constant (nor ``UnpackInt4`` of one) or, on x86, holds ``-128`` (see ``x86_int8``), an epilogue
+that reads a param at an index other than the output channel or the full
+output index, or ``x`` of unknown rank.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,14 +83,13 @@ import tvm_ffi
 
 from intq.passes import compat
 from intq.passes.compat import relax, s_tir, te, tensor_type, tirx, tvm
-from intq.passes.schedules.x86_int8 import LANES, REDUCE, dot_8x4_impl
-
-SCHEDULE_NAME = "x86_avx2_gemm"
+from intq.passes.ops.unpack_int4 import emit_unpack_int4, pack_int4
+from intq.passes.schedules import arm_int8, x86_int8
 
 
 @dataclass(frozen=True)
 class Tiles:
-    """The register tile: ``rows`` rows of ``x`` by ``col_blocks`` blocks of 8 output channels."""
+    """The register tile: ``rows`` rows of ``x`` by ``col_blocks`` blocks of ``L`` output channels."""
 
     rows: int = 2
     col_blocks: int = 6
@@ -80,11 +97,69 @@ class Tiles:
     def __post_init__(self):
         if self.rows < 1 or self.col_blocks < 1:
             raise ValueError(f"Tiles: rows and col_blocks must be positive, got {self.rows}, {self.col_blocks}")
-        if self.rows * self.col_blocks > 12:
+
+
+@dataclass(frozen=True)
+class DotIntrinsic:
+    """An exact int8 dot instruction ``C[j] += sum_{k<reduce} A[k] * B[j, k]`` (``j < lanes``) and its tile budget."""
+
+    schedule_name: str
+    lanes: int  # output channels per call: the int32 lanes of one vector register
+    reduce: int  # reduction indices per call
+    impl: Callable[[str, str, str], tirx.PrimFunc]  # scopes of A, B, C -> a fresh implementation
+    feature: str  # the LLVM target feature the instruction needs
+    tiles: Tiles  # the default register tile
+    registers: int  # vector registers of the ISA
+    operand_registers: Callable[[Tiles], int]  # those a tile needs beside its accumulators
+    refuses_minus_128: bool  # whether a weight of -128 breaks the instruction's exactness
+
+    def check_tiles(self, tiles: Tiles) -> None:
+        used = tiles.rows * tiles.col_blocks + self.operand_registers(tiles)
+        if used > self.registers:
             raise ValueError(
-                f"Tiles: {self.rows} x {self.col_blocks} accumulators do not fit the 16 ymm registers "
-                "with the 4 the dot product needs; keep rows * col_blocks <= 12"
+                f"Tiles: {tiles.rows} x {tiles.col_blocks} accumulators and the operands need {used} of the "
+                f"{self.registers} vector registers of {self.schedule_name}; choose a smaller tile"
             )
+
+
+X86_AVX2 = DotIntrinsic(
+    "x86_avx2_gemm",
+    x86_int8.LANES,
+    x86_int8.REDUCE,
+    x86_int8.dot_8x4_impl,
+    "avx2",
+    Tiles(rows=2, col_blocks=6),
+    registers=16,
+    operand_registers=lambda _tiles: 4,  # the broadcast row, |a|, sign(a) w, the pair sums
+    refuses_minus_128=True,
+)
+AARCH64_SDOT = DotIntrinsic(
+    "aarch64_sdot_gemm",
+    arm_int8.LANES,
+    arm_int8.REDUCE,
+    arm_int8.sdot_4x4_impl,
+    "dotprod",
+    Tiles(rows=4, col_blocks=4),
+    registers=arm_int8.REGISTERS,
+    operand_registers=lambda tiles: tiles.rows + tiles.col_blocks,  # a broadcast per row, a weight block per column
+    refuses_minus_128=False,
+)
+SCHEDULE_NAME = X86_AVX2.schedule_name
+
+
+def is_aarch64(target: tvm.target.Target) -> bool:
+    return bool(target.attrs.get("feature.is_aarch64", False))
+
+
+def dot_intrinsic(target: tvm.target.Target) -> DotIntrinsic | str:
+    """The dot instruction of an LLVM ``target``, or the reason it has none."""
+    if is_aarch64(target):
+        if not tvm.target.codegen.target_has_features(AARCH64_SDOT.feature, target):
+            return "the aarch64 target has no dot-product extension (add '+dotprod' to its mattr)"
+        return AARCH64_SDOT
+    if not tvm.target.codegen.target_has_features(X86_AVX2.feature, target):
+        return f"the target {target.export().get('mcpu', '')!r} has no AVX2"
+    return X86_AVX2
 
 
 @dataclass(frozen=True)
@@ -197,58 +272,60 @@ def match_linear(func: tirx.PrimFunc) -> LinearKernel | str:
 # --- the kernel ------------------------------------------------------------------------------------
 
 
-def weight_refusal(w: np.ndarray | None) -> str | None:
-    """Why ``w`` cannot be packed for the intrinsic, or None."""
+def weight_refusal(w: np.ndarray | None, dot: DotIntrinsic = X86_AVX2) -> str | None:
+    """Why ``w`` cannot be packed for ``dot``, or None."""
     if w is None:
         return "the weight is not a constant (it is packed at compile time)"
     if w.dtype != np.int8 or w.ndim != 2:
         return f"the weight must be an int8 matrix, got {w.dtype} {w.shape}"
-    if (w == -128).any():
+    if dot.refuses_minus_128 and (w == -128).any():
         return "the weight holds -128: sign(x) * w would wrap (x86_int8 needs w in [-127, 127])"
     return None
 
 
-def col_blocks_padded(n: int, tiles: Tiles) -> int:
-    """The number of 8-channel blocks the packed weight holds: ``ceil(N / 8)`` rounded up to the tile."""
-    return math.ceil(math.ceil(n / LANES) / tiles.col_blocks) * tiles.col_blocks
+def col_blocks_padded(n: int, tiles: Tiles, dot: DotIntrinsic = X86_AVX2) -> int:
+    """The number of ``L``-channel blocks the packed weight holds: ``ceil(N / L)`` rounded up to the tile."""
+    return math.ceil(math.ceil(n / dot.lanes) / tiles.col_blocks) * tiles.col_blocks
 
 
-def pack_weight(w: np.ndarray, tiles: Tiles) -> np.ndarray:
-    """``w[N, K]`` as ``w_packed[jo, ko, j, k] = w[8 jo + j, 4 ko + k]``, zero-padded."""
+def pack_weight(w: np.ndarray, tiles: Tiles, dot: DotIntrinsic = X86_AVX2) -> np.ndarray:
+    """``w[N, K]`` as ``w_packed[jo, ko, j, k] = w[L jo + j, R ko + k]``, zero-padded."""
     n, k = w.shape
-    nb, kb = col_blocks_padded(n, tiles), math.ceil(k / REDUCE)
-    padded = np.zeros((nb * LANES, kb * REDUCE), np.int8)
+    lanes, reduce = dot.lanes, dot.reduce
+    nb, kb = col_blocks_padded(n, tiles, dot), math.ceil(k / reduce)
+    padded = np.zeros((nb * lanes, kb * reduce), np.int8)
     padded[:n, :k] = w
-    return np.ascontiguousarray(padded.reshape(nb, LANES, kb, REDUCE).transpose(0, 2, 1, 3))
+    return np.ascontiguousarray(padded.reshape(nb, lanes, kb, reduce).transpose(0, 2, 1, 3))
 
 
 def _i64(value: int) -> tirx.IntImm:
     return tirx.IntImm("int64", value)
 
 
-def gemm_te(kernel: LinearKernel, tiles: Tiles) -> tirx.PrimFunc:
+def gemm_te(kernel: LinearKernel, tiles: Tiles, dot: DotIntrinsic = X86_AVX2) -> tirx.PrimFunc:
     """The unscheduled 2-D kernel: ``(x[M, K], w_packed, *params) -> y[M, N]`` with the tiles' padding."""
     n, k, rows = kernel.n, kernel.k, tiles.rows
-    kb, nb = math.ceil(k / REDUCE), col_blocks_padded(n, tiles)
+    lanes, reduce = dot.lanes, dot.reduce
+    kb, nb = math.ceil(k / reduce), col_blocks_padded(n, tiles, dot)
     m = tirx.Var("m", "int64")
     x = te.placeholder((m, _i64(k)), "int8", "x")
-    w = te.placeholder(tuple(map(_i64, (nb, kb, LANES, REDUCE))), "int8", "w_packed")
+    w = te.placeholder(tuple(map(_i64, (nb, kb, lanes, reduce))), "int8", "w_packed")
     shapes = {p.name: (m, _i64(n)) if p.name in kernel.row_params else tuple(p.ty.shape) for p in kernel.params}
     params = {p.name: te.placeholder(shapes[p.name], str(p.ty.dtype), p.name) for p in kernel.params}
     padded_rows = tirx.floordiv(m + rows - 1, rows) * rows
 
     def panel(i, j):
         row = te.min(i, m - 1)
-        if k % REDUCE == 0:
+        if k % reduce == 0:
             return x[row, j]
         return tirx.Select(j < k, x[row, te.min(j, _i64(k - 1))], tirx.const(0, "int8"))
 
-    x_pack = te.compute((padded_rows, _i64(kb * REDUCE)), panel, name="x_pack")
-    ko, ki = te.reduce_axis((_i64(0), _i64(kb)), "ko"), te.reduce_axis((_i64(0), _i64(REDUCE)), "ki")
+    x_pack = te.compute((padded_rows, _i64(kb * reduce)), panel, name="x_pack")
+    ko, ki = te.reduce_axis((_i64(0), _i64(kb)), "ko"), te.reduce_axis((_i64(0), _i64(reduce)), "ki")
     acc = te.compute(
-        (padded_rows, _i64(nb), _i64(LANES)),
+        (padded_rows, _i64(nb), _i64(lanes)),
         lambda i, jo, j: te.sum(
-            x_pack[i, ko * REDUCE + ki].astype("int32") * w[jo, ko, j, ki].astype("int32"), axis=[ko, ki]
+            x_pack[i, ko * reduce + ki].astype("int32") * w[jo, ko, j, ki].astype("int32"), axis=[ko, ki]
         ),
         name="acc",
     )
@@ -259,7 +336,7 @@ def gemm_te(kernel: LinearKernel, tiles: Tiles) -> tirx.PrimFunc:
         def load(node):
             src = node.source
             if src.same_as(kernel.acc):
-                return acc[i, tirx.floordiv(c, LANES), tirx.floormod(c, LANES)]
+                return acc[i, tirx.floordiv(c, lanes), tirx.floormod(c, lanes)]
             if src.name in kernel.row_params:
                 return params[src.name][i, c]
             if src.name in params:
@@ -275,8 +352,9 @@ def gemm_te(kernel: LinearKernel, tiles: Tiles) -> tirx.PrimFunc:
     return te.create_prim_func([x, w, *params.values(), y])
 
 
-def schedule_gemm(func: tirx.PrimFunc, tiles: Tiles) -> tirx.PrimFunc:
+def schedule_gemm(func: tirx.PrimFunc, tiles: Tiles, dot: DotIntrinsic = X86_AVX2) -> tirx.PrimFunc:
     """Tile, pack, fuse and tensorize ``gemm_te``'s PrimFunc (see the module docstring)."""
+    dot.check_tiles(tiles)
     sch = s_tir.Schedule(func)
     acc, panel, epilogue = (sch.get_sblock(name) for name in ("acc", "x_pack", "epilogue"))
     i, jo, j, ko, ki = sch.get_loops(acc)
@@ -287,7 +365,7 @@ def schedule_gemm(func: tirx.PrimFunc, tiles: Tiles) -> tirx.PrimFunc:
     sch.reverse_compute_at(epilogue, jo_tile)
     sch.parallel(i_tile)
     init = sch.decompose_reduction(acc, ko)
-    dot = sch.blockize(j)
+    dot_block = sch.blockize(j)
     sch.unroll(i_in)
     sch.unroll(jo_in)
     *_, init_rows, init_blocks, init_lanes = sch.get_loops(init)
@@ -295,19 +373,19 @@ def schedule_gemm(func: tirx.PrimFunc, tiles: Tiles) -> tirx.PrimFunc:
     sch.unroll(init_blocks)
     sch.unroll(init_rows)
     *_, e_rows, e_cols = sch.get_loops(epilogue)
-    e_blocks, e_lanes = sch.split(e_cols, [None, LANES])
+    e_blocks, e_lanes = sch.split(e_cols, [None, dot.lanes])
     sch.vectorize(e_lanes)
     sch.unroll(e_blocks)
     k_panel = sch.get_loops(panel)[-1]
-    width = 16 if int(sch.get(k_panel).extent) % 16 == 0 else REDUCE
+    width = 16 if int(sch.get(k_panel).extent) % 16 == 0 else dot.reduce
     sch.vectorize(sch.split(k_panel, [None, width])[1])
 
-    block = sch.get(dot)
+    block = sch.get(dot_block)
     (written,) = [r.source for r in block.writes]
     reads = [r.source for r in block.reads if not r.source.same_as(written)]
     (weights,) = [b for b in reads if b.name == "w_packed"]
     (activations,) = [b for b in reads if not b.same_as(weights)]
-    impl = dot_8x4_impl(*(compat.buffer_scope(b) for b in (activations, weights, written)))
+    impl = dot.impl(*(compat.buffer_scope(b) for b in (activations, weights, written)))
     bind = {"A": activations.name, "B": weights.name, "C": written.name}
     return compat.tensorize(sch.mod["main"], block.name_hint, impl, bind)
 
@@ -322,15 +400,20 @@ def _leading_product(shape) -> tirx.PrimExpr:
     return out
 
 
-def rewrite_linear_call(call, tiles: Tiles = Tiles()) -> relax.Expr | str:
-    """The scheduled replacement of ``call`` (a ``schedules.KernelCall``), or the reason it does not apply."""
-    if not compat.tvm.target.codegen.target_has_features("avx2", call.target):
-        return f"the target {call.target.export().get('mcpu', '')!r} has no AVX2"
+def rewrite_linear_call(call, tiles: Tiles | None = None) -> relax.Expr | str:
+    """The scheduled replacement of ``call`` (a ``schedules.KernelCall``), or the reason it does not apply.
+
+    The instruction is the target's (``dot_intrinsic``); ``tiles`` defaults to its ``tiles``.
+    """
+    dot = dot_intrinsic(call.target)
+    if isinstance(dot, str):
+        return dot
+    tiles = dot.tiles if tiles is None else tiles
     kernel = call.memo.get(("linear", call.name))
     if kernel is None:
         kernel = match_linear(call.func)
         if isinstance(kernel, LinearKernel):
-            scheduled = schedule_gemm(gemm_te(kernel, tiles), tiles)
+            scheduled = schedule_gemm(gemm_te(kernel, tiles, dot), tiles, dot)
             kernel = (kernel, scheduled)
         call.memo[("linear", call.name)] = kernel
     if isinstance(kernel, str):
@@ -338,8 +421,9 @@ def rewrite_linear_call(call, tiles: Tiles = Tiles()) -> relax.Expr | str:
     kernel, scheduled = kernel
     if not isinstance(tensor_type(call.args[0]).shape, relax.ShapeExpr):
         return "x has no known shape (rank): its leading dims cannot be flattened"
-    w = call.constants[1]
-    refusal = weight_refusal(w)
+    int4 = call.int4[1] if call.int4 else None  # a 4-bit weight: packed here, kept 4-bit, unpacked at run time
+    w = call.constants[1] if int4 is None else int4
+    refusal = weight_refusal(w, dot)
     if refusal:
         return refusal
     x, *params = (call.args[0], *call.args[2:])
@@ -353,18 +437,23 @@ def rewrite_linear_call(call, tiles: Tiles = Tiles()) -> relax.Expr | str:
         return bb.emit(relax.op.reshape(expr, [m, width])) if flat else expr
 
     names = [p.name for p in kernel.params]
-    args = [rows(x, kernel.k), relax.const(pack_weight(w, tiles))]
+    packed = pack_weight(w, tiles, dot)
+    if int4 is None:
+        weight = relax.const(packed)
+    else:
+        weight = bb.emit(emit_unpack_int4(bb, relax.const(pack_int4(packed)), packed.shape, "UnpackInt4"))
+    args = [rows(x, kernel.k), weight]
     args += [rows(a, kernel.n) if name in kernel.row_params else a for name, a in zip(names, params, strict=True)]
     gv = call.memo.get(("linear_gv", call.name))
     if gv is None:
         attrs = {
             "intq.scheduled_op": str(call.func.attrs.get("intq.op", "linear")) if call.func.attrs else "linear",
-            "intq.schedule": SCHEDULE_NAME,
+            "intq.schedule": dot.schedule_name,
             "op_pattern": 8,  # kOpaque: TVM's FuseOps must not merge the scheduled kernel into another
             "tirx.is_scheduled": True,
         }
         func = scheduled.without_attr("global_symbol").with_attrs(attrs)  # private, as call_te's kernels
-        gv = bb.add_func(func, f"{call.name}_{SCHEDULE_NAME}")
+        gv = bb.add_func(func, f"{call.name}_{dot.schedule_name}")
         call.memo[("linear_gv", call.name)] = gv
     y = relax.call_tir(gv, relax.Tuple(args), relax.TensorType([m, kernel.n], kernel.out_dtype))
     # Emitted, not returned: a reshape bound to a dataflow var is a view (RewriteDataflowReshape), one bound to
