@@ -29,7 +29,8 @@ class CompiledModel:
         self.input_names = [i["name"] for i in manifest["inputs"]]
         self.output_names = [o["name"] for o in manifest["outputs"]]
         self._dtypes = {i["name"]: _numpy_dtype(i["dtype"]) for i in manifest["inputs"]}
-        self._device = tvm.cpu(0)
+        kind = ((manifest.get("target") or {}).get("tvm_target") or {}).get("kind", "llvm")
+        self._device = tvm.cpu(0) if kind in ("llvm", "c") else tvm.device(kind, 0)
         self._vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), self._device)
         self._tvm = tvm
 
@@ -90,4 +91,12 @@ def load(folder) -> CompiledModel:
             f"{library} is an aarch64 library (--target arm) and this is a {platform.machine()} machine: load it on "
             "an aarch64 Linux machine, or run it here under qemu with intq.passes.arm.run_under_qemu."
         )
+    if manifest["target"].get("name") == "cuda":
+        import tvm
+
+        if not tvm.cuda(0).exist:
+            raise ArtifactError(
+                f"{library} is a CUDA library (--target cuda) and this machine has no CUDA device: load it on a "
+                "machine with an NVIDIA GPU (see benchmarks/GPU.md)."
+            )
     return CompiledModel(folder, manifest, library)

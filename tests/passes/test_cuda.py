@@ -365,3 +365,9 @@ def test_quantize_cli_target_cuda(tmp_path):
         assert target["check"]["result"] == "bit-exact with onnxruntime"
     else:
         assert "no CUDA device" in target["check"]["reason"]
+    if not has_gpu:  # intq.load names the problem instead of failing inside TVM's CUDA runtime
+        import intq
+        from intq.runtime import ArtifactError
+
+        with pytest.raises(ArtifactError, match="no CUDA device"):
+            intq.load(out)
