@@ -4,7 +4,7 @@ Shiftmax / ShiftGELU / I-LayerNorm), exported as integer-only ONNX."""
 from intq.config import Calibration, QuantConfig
 
 __version__ = "0.1.0"
-__all__ = ["Calibration", "QuantConfig", "load", "quantize", "__version__"]
+__all__ = ["Calibration", "QuantConfig", "finetune", "load", "pareto", "quantize", "__version__"]
 
 
 def __getattr__(name):
@@ -13,6 +13,14 @@ def __getattr__(name):
         from intq.api import quantize
 
         return quantize
+    if name == "finetune":
+        from intq.finetuning import finetune
+
+        return finetune
+    if name == "pareto":
+        from intq.sweep import pareto
+
+        return pareto
     if name == "load":
         from intq.runtime import load
 

@@ -14,17 +14,21 @@ exactly those two things, on a copy of the canonical graph where
   differentiated, as the converter recomputes it from the final weights);
 - each activation the converter quantizes (a *site*: the fx node whose
   calibrated clip the converter reads, with the integer range it uses) is
-  followed by an LSQ fake quantizer (Esser et al. 2020) with a learned step
-  ``S`` initialised to ``clip / q_max``::
+  followed by an LSQ-style fake quantizer (Esser et al. 2020) with a learned
+  step ``S = exp(log_S)``, initialised to ``clip / q_max``::
 
       y = clamp(round(x / S), q_min, q_max) * S
 
 Rounding passes gradients straight through (``round_ste(v) = v +
-(round(v) - v).detach()``).  The gradient reaching ``S`` is scaled by
-``g = 1 / sqrt(numel(x) * q_max)`` as LSQ prescribes, so the step size trains
-at the weights' pace.  After training, the learned clip of a site is ``S *
-q_max``; ``convert`` turns the trained weights and these clips into the integer
-model, so a fine-tuned model exports and compiles exactly like a PTQ one.
+(round(v) - v).detach()``).  The step is learned in the log domain: with
+Adam, an update moves ``log_S`` by about the learning rate whatever the
+gradient's size, so a step of ``1e-4`` changes ``S`` by 0.01 % whether ``S``
+is 2 (raw pixels) or 0.01 (a deep activation).  Learning ``S`` itself, as
+LSQ does with SGD, moved small steps by many times their value within an
+epoch (ResNet-8 W4A4 fell to 13-26 % top-1 at lr 3e-4..1e-3).  After
+training, the learned clip of a site is ``S * q_max``; ``convert`` turns the
+trained weights and these clips into the integer model, so a fine-tuned model
+exports and compiles exactly like a PTQ one.
 
 Not simulated: the integer approximations of Shiftmax, ShiftGELU and
 I-LayerNorm (their float forms run), and the dyadic rounding of requantize
@@ -72,22 +76,21 @@ class WeightFakeQuant(torch.nn.Module):
 
 
 class ActFakeQuant(torch.nn.Module):
-    """LSQ fake quantizer with a learned step ``scale`` (see the module docstring)."""
+    """Fake quantizer with a learned step ``exp(log_scale)`` (see the module docstring)."""
 
     def __init__(self, site: ActSite):
         super().__init__()
         self.qmin, self.qmax = int(site.qmin), int(site.qmax)
-        self.scale = torch.nn.Parameter(torch.tensor(max(float(site.clip), 1e-8) / self.qmax, dtype=torch.float32))
+        step = max(float(site.clip), 1e-8) / self.qmax
+        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(step), dtype=torch.float64))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = 1.0 / math.sqrt(max(x.numel(), 1) * self.qmax)
-        s = self.scale * g + (self.scale - self.scale * g).detach()  # value S, gradient scaled by g
-        s = s.clamp_min(1e-12)
+        s = torch.exp(self.log_scale).to(x.dtype)
         return torch.clamp(round_ste(x / s), self.qmin, self.qmax) * s
 
     @property
     def clip(self) -> float:
-        return float(self.scale.detach()) * self.qmax
+        return math.exp(float(self.log_scale.detach())) * self.qmax
 
 
 def _weighted(gm: fx.GraphModule):
