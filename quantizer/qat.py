@@ -23,12 +23,14 @@ Rounding passes gradients straight through (``round_ste(v) = v +
 (round(v) - v).detach()``).  The step is learned in the log domain: with
 Adam, an update moves ``log_S`` by about the learning rate whatever the
 gradient's size, so a step of ``1e-4`` changes ``S`` by 0.01 % whether ``S``
-is 2 (raw pixels) or 0.01 (a deep activation).  Learning ``S`` itself, as
-LSQ does with SGD, moved small steps by many times their value within an
-epoch (ResNet-8 W4A4 fell to 13-26 % top-1 at lr 3e-4..1e-3).  After
-training, the learned clip of a site is ``S * q_max``; ``convert`` turns the
-trained weights and these clips into the integer model, so a fine-tuned model
-exports and compiles exactly like a PTQ one.
+is 2 (raw pixels) or 0.01 (a deep activation); learned directly, the same
+update is 0.005 % of the first and 1 % of the second.  (Adam moves weights
+by about ``lr`` per step too, whatever their size: on ResNet-8's BN-folded
+weights W4A4 QAT diverged at ``lr >= 3e-4`` (13-26 % top-1) and works at
+``1e-4``, the default of ``intq.finetune``.)  After training, the learned
+clip of a site is ``S * q_max``; ``convert`` turns the trained weights and
+these clips into the integer model, so a fine-tuned model exports and
+compiles exactly like a PTQ one.
 
 Not simulated: the integer approximations of Shiftmax, ShiftGELU and
 I-LayerNorm (their float forms run), and the dyadic rounding of requantize
