@@ -39,6 +39,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from intq.passes import compat
+from intq.passes.build import to_numpy
 from intq.passes.pipeline import Compiled
 
 tvm = compat.tvm
@@ -156,7 +157,7 @@ class Runner:
         vm, _ = self._set_inputs(compiled, inputs)
         vm.invoke_stateful("main")
         out = vm.get_outputs("main")
-        return _to_numpy(out)
+        return to_numpy(out)
 
     def time(
         self, compiled: Compiled, inputs: Sequence[np.ndarray], repeats: int = 20, min_repeat_ms: float = 10.0
@@ -179,12 +180,3 @@ def check_timing(repeats: int, min_repeat_ms: float) -> None:
         raise ValueError(f"repeats={repeats!r}: give the number of timed measurements, an int >= 1 (e.g. 20).")
     if not (math.isfinite(min_repeat_ms) and min_repeat_ms >= 0):
         raise ValueError(f"min_repeat_ms={min_repeat_ms!r} must be >= 0 (milliseconds per measurement).")
-
-
-def _to_numpy(value) -> list[np.ndarray]:
-    if hasattr(value, "numpy"):
-        return [value.numpy()]
-    out: list[np.ndarray] = []
-    for item in value:
-        out.extend(_to_numpy(item))
-    return out

@@ -57,13 +57,13 @@ def run(runnable: Runnable, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]
     args = [
         compat.tvm.runtime.tensor(np.require(feeds[n], requirements="C"), runnable.device) for n in runnable.input_names
     ]
-    return _to_numpy(runnable.vm["main"](*args))
+    return to_numpy(runnable.vm["main"](*args))
 
 
-def _to_numpy(value) -> list[np.ndarray]:
+def to_numpy(value) -> list[np.ndarray]:
     if hasattr(value, "numpy"):
         return [value.numpy()]
     out: list[np.ndarray] = []
     for item in value:
-        out.extend(_to_numpy(item))
+        out.extend(to_numpy(item))
     return out
