@@ -37,7 +37,10 @@ class FunctionBuilder:
         self.name = name
         self.inputs = list(inputs)
         self.outputs = outputs or ["y"]
-        self.doc = doc
+        # The summary and the formula (the docstring's first two paragraphs) travel with the function, for a
+        # reader in Netron; the rest of the spec stays in the source. Every configured instance (e.g. each conv
+        # shape) is its own function, so the full docstring, repeated, would outweigh a small model's weights.
+        self.doc = "\n\n".join(doc.strip().split("\n\n")[:2])
         self.nodes: list[onnx.NodeProto] = []
         self._counter = 0
 
