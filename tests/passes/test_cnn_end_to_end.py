@@ -139,3 +139,23 @@ def test_resnet8(resnet8_and_images, bits):
     int_model = check(qmodel, [images[32:33], images[33:40]])
     assert_narrow(int_model, bits)
     assert_convs_scheduled(int_model)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_resnet18(resnet8_and_images, bits):
+    """ResNet-18 (torchvision names, CIFAR stem; BasicBlocks with 1x1 stride-2 shortcuts), random weights."""
+    from intq.models.resnet import resnet18
+
+    torch.manual_seed(18)
+    model = resnet18(num_classes=10, cifar_stem=True).eval()
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):  # statistics a trained net has
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.0)
+        bn.bias.data.uniform_(-0.2, 0.2)
+    _, images = resnet8_and_images
+    images = (images / 255 - 0.5) / 0.25
+    qmodel = intq.quantize(model, [images[:8]], QuantConfig(bits=bits), progress=False)
+    int_model = check(qmodel, [images[32:33], images[33:35]])
+    assert_narrow(int_model, bits)
+    assert sum(op.startswith("IntConv2d") for op in (n.op_type for n in int_model.graph.node)) >= 20
