@@ -238,6 +238,10 @@ def layer_model(
         if len(dims) != len(input_shape) or any(d != s for d, s in fixed):
             raise ValueError(f"{op.op_type}: input dims {dims} do not match the example shape {list(input_shape)}")
         dims = [d if (isinstance(d, str) and d) or d > 0 else f"d{k}" for k, d in enumerate(dims)]
+        # the reduction axis (a linear's last, a conv's channels) is the weight's, static in the model; ONNX shape
+        # inference loses it after a Reshape to a computed shape (MiniLM's attention output), so restore it
+        axis = 1 if isinstance(op, IntConv2d) else len(dims) - 1
+        dims[axis] = int(input_shape[axis])
         x = model.graph.input[0]
         model.graph.input[0].CopyFrom(helper.make_tensor_value_info(x.name, x.type.tensor_type.elem_type, dims))
     return model

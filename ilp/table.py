@@ -14,10 +14,17 @@ one activation, whose width is the input width of each).  ``pins``: layers
 held at a given width; ``None`` pins the first and the last layer (in table
 order) to the widest width, as HAWQV3 and the ``first_last_bits`` default do.
 
-``Table.from_sensitivity`` derives the costs from ``quantizer.sensitivity``'s
-records: ``size_bytes[b] = ceil(params * b / 8)`` (4-bit weights are packed
-two per byte) and ``bops[b] = macs * b * b`` (a layer at ``b`` bits has
-``b``-bit weights and a ``b``-bit input activation).  Nothing here imports torch.
+``Table.from_sensitivity`` builds the rows from ``quantizer.sensitivity``'s
+records and a cost table (``ilp.costs.layer_costs``, or any ``{layer: {bits:
+cost}}`` whose costs have ``size_bytes``, ``bops`` and ``latency_s``): the
+costs are ``ilp.costs``'s, the one definition of a layer's size (packed
+weights plus the int32 bias, ``ceil(params * b / 8) + 4 * C``) and BOPs
+(``macs * b * b``: a layer at ``b`` bits has ``b``-bit weights and a
+``b``-bit input activation).  Without a cost table the size counts the
+packed weights alone, ``ceil(params * b / 8)`` (a sensitivity record does
+not know the output channels, so the bias is left out: budgets on such a
+table are fractions of the all-INT8 *weight* bytes).  Nothing here imports
+torch.
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ from collections.abc import Iterable, Mapping, Sequence
 
 COSTS = ("size", "bops", "latency")
 _COLUMN = {"size": "size_bytes", "bops": "bops", "latency": "latency"}
+
+
+def _values(records) -> list:
+    return list(records.values() if isinstance(records, Mapping) else records)
 
 
 def _per_bits(values: Mapping | None, bits: Sequence[int], what: str, layer: str, optional=False) -> dict | None:
@@ -194,25 +205,54 @@ class Table:
         bits: Sequence[int] = (4, 8),
         ties: Sequence[Sequence[str]] = (),
         pins: Mapping[str, int] | None = None,
+        costs: Mapping[str, Mapping[int, object]] | None = None,
     ) -> Table:
         """Rows from sensitivity records (``LayerSensitivity`` objects or their ``to_dict()``), in order.
+
+        costs: ``{layer: {bits: cost}}`` (an ``ilp.costs.CostTable``): the size, BOPs and latency columns
+            (see the module docstring); it must cost exactly the records' layers, with the records' MACs.
+        latency: ``{layer: {bits: seconds}}``, when no ``costs`` are given.
 
         A negative trace estimate is set to 0: the Gauss-Newton (KL) Hessian is
         positive semi-definite, so a negative estimate is sampling noise.
         """
+        if costs is not None and latency is not None:
+            raise ValueError("ILP table: give the latency inside costs= or as latency=, not both.")
+        dicts = [rec.to_dict() if hasattr(rec, "to_dict") else dict(rec) for rec in _values(records)]
+        if costs is not None:
+            names = [d["name"] for d in dicts]
+            if sorted(costs) != sorted(names):
+                raise ValueError(
+                    f"ILP table: the cost table's layers {sorted(costs)} are not the sensitivity records' "
+                    f"{sorted(names)}; measure both on the same model."
+                )
         rows = []
-        for rec in records.values() if isinstance(records, Mapping) else records:
-            d = rec.to_dict() if hasattr(rec, "to_dict") else dict(rec)
+        for d in dicts:
             name, params, macs = d["name"], int(d["params"]), int(d["macs"])
+            if costs is None:
+                size = {b: math.ceil(params * b / 8) for b in bits}
+                bops = {b: macs * b * b for b in bits}
+                lat = None if latency is None else latency.get(name)
+            else:
+                per = costs[name]
+                size = {b: per[b].size_bytes for b in bits if b in per}
+                bops = {b: per[b].bops for b in bits if b in per}
+                lat = {b: per[b].latency_s for b in bits if b in per and per[b].latency_s is not None} or None
+                wrong = {b: v for b, v in bops.items() if v != macs * b * b}
+                if wrong:
+                    raise ValueError(
+                        f"ILP table: layer {name!r} has BOPs {wrong} in the cost table but {macs} MACs per sample in "
+                        "its sensitivity record; measure both on the same model and example shapes."
+                    )
             rows.append(
                 LayerRow(
                     name=name,
                     params=params,
                     sensitivity=max(0.0, float(d["trace"]) / params),
                     delta_w=d["delta_w"],
-                    size_bytes={b: math.ceil(params * b / 8) for b in bits},
-                    bops={b: macs * b * b for b in bits},
-                    latency=None if latency is None else latency.get(name),
+                    size_bytes=size,
+                    bops=bops,
+                    latency=lat,
                 )
             )
         return cls(tuple(rows), tuple(bits), tuple(tuple(g) for g in ties), pins)

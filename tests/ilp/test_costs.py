@@ -263,6 +263,21 @@ def test_one_node_models_are_bit_exact_with_the_full_model(which, request):
     assert seen == expected
 
 
+def test_layer_model_keeps_the_reduction_axis_static(block, cnn):
+    """ONNX shape inference names every dim after a Reshape to a computed shape (MiniLM's attention output); the
+    one-node model still declares the reduction axis (a linear's K, a conv's channels) static, and compiles."""
+    for qm in (block[0], cnn[0]):
+        layer = C.weighted_layers(qm)[0]
+        unnamed = tuple(f"unk_{k}" for k in range(len(layer.input_shape)))
+        model = C.layer_model(layer.op, layer.input_shape, unnamed, len(layer.output_shape))
+        dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+        axis = 1 if len(layer.input_shape) == 4 else -1
+        expected = list(unnamed)
+        expected[axis] = layer.input_shape[axis]
+        assert dims == expected, (layer.name, dims)
+        compile_onnx(model, "x86")
+
+
 def test_synthetic_4bit_instance(block):
     q8, _, _ = block
     layer = C.weighted_layers(q8)[1]

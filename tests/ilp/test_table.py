@@ -73,3 +73,23 @@ def test_from_sensitivity_derives_costs():
     assert conv.sensitivity == pytest.approx(0.2) and conv.delta_w == {4: 0.3, 8: 0.001}
     assert fc.sensitivity == 0.0  # a negative trace estimate is noise around a PSD Hessian
     assert conv.latency == {4: 1e-3, 8: 2e-3} and fc.latency is None
+
+
+def test_from_sensitivity_takes_the_cost_tables_columns():
+    """With a cost table the size is ilp.costs's (weights packed + int32 bias), the same numbers the report shows."""
+    from intq.ilp.costs import Cost
+
+    records = [{"name": "conv", "params": 27, "macs": 1000, "trace": 5.4, "delta_w": {"4": 0.3, "8": 0.001}}]
+    costs = {"conv": {8: Cost(27 + 12, 1000 * 64, 2e-3), 4: Cost(14 + 12, 1000 * 16, 1e-3, synthetic=True)}}
+    conv = Table.from_sensitivity(records, costs=costs).layers[0]
+    assert conv.size_bytes == {4: 26, 8: 39} and conv.bops == {4: 16000, 8: 64000}
+    assert conv.latency == {4: 1e-3, 8: 2e-3}
+    untimed = {"conv": {b: Cost(c.size_bytes, c.bops) for b, c in costs["conv"].items()}}
+    assert Table.from_sensitivity(records, costs=untimed).layers[0].latency is None
+    with pytest.raises(ValueError, match=r"cost table's layers \['fc'\] are not the sensitivity records' \['conv'\]"):
+        Table.from_sensitivity(records, costs={"fc": costs["conv"]})
+    wrong = {"conv": {8: Cost(39, 999 * 64), 4: Cost(26, 999 * 16)}}
+    with pytest.raises(ValueError, match=r"layer 'conv' has BOPs .* but 1000 MACs per sample"):
+        Table.from_sensitivity(records, costs=wrong)
+    with pytest.raises(ValueError, match="not both"):
+        Table.from_sensitivity(records, latency={"conv": {4: 1.0, 8: 1.0}}, costs=costs)

@@ -402,9 +402,43 @@ def test_token_ids_outside_the_vocabulary(bert_onnx, tmp_path, capsys):
     refused(capsys, out, [bert_onnx, "--calib", calib, "-o", out], "Gather", "vocabulary")
 
 
-def test_four_bits_is_refused(vit_onnx, tmp_path, capsys):
+@pytest.mark.parametrize("bits", ["3", "16"])
+def test_unsupported_bits_are_refused(vit_onnx, tmp_path, capsys, bits):
     out = tmp_path / "out"
-    refused(capsys, out, [vit_onnx, "--bits", "4", "--calib", "random", "-o", out], "--bits 4", "--bits 8")
+    refused(capsys, out, [vit_onnx, "--bits", bits, "--calib", "random", "-o", out], f"--bits {bits}", "--bits 4")
+
+
+def test_four_bit_cnn(models_dir, tmp_path):
+    """``--bits 4``: the middle conv gets packed 4-bit weights, the first conv and the head stay at 8 bits."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 10),
+    ).eval()
+    model = models_dir / "cnn.onnx"
+    onnx.save(export_torch(net, (torch.randn(2, 3, 8, 8),)), model)
+    calib = _npz(
+        tmp_path / "calib.npz", input=np.random.default_rng(5).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    )
+    out = tmp_path / "out"
+    argv = [model, "--bits", "4", "--calib", calib, "--target", "none", "-o", out, "--quiet"]
+    assert main([str(a) for a in argv]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["bits"] == 4
+    weighted = [(layer["op"], layer["bits"]) for layer in manifest["layers"] if layer["op"].startswith("IntLinear")]
+    convs = [layer["bits"] for layer in manifest["layers"] if layer["op"] == "IntConv2d"]
+    assert weighted == [("IntLinearAcc", 8)] and convs == [8, 4, 8]  # first, middle, global pool (feeds the head)
+    int_model = onnx.load(out / "model.int.onnx")
+    assert [t.name for t in int_model.graph.initializer if t.data_type == TensorProto.INT4] == [
+        next(layer["name"] for layer in manifest["layers"] if layer["bits"] == 4) + ".w.int4"
+    ]
+    verify_integer_only(int_model)
+    _session(out / "model.int.onnx").run(None, {"input": _images(2, seed=6)[:, :, :8, :8]})
 
 
 def test_zero_batch_size_is_a_usage_error(vit_onnx, tmp_path, capsys):
