@@ -33,6 +33,7 @@ def run_notebook(name: str, tmp_path: Path, monkeypatch) -> tuple[Path, nbformat
     """Execute ``notebooks/<name>.ipynb`` (small mode) in a copy under ``tmp_path``; return its folder."""
     monkeypatch.delenv("INTQ_NOTEBOOK_FULL", raising=False)
     monkeypatch.setenv("INTQ_REPO", str(REPO))  # where the notebooks import benchmarks/ from
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the kernel's temporary files (sensitivity cache) go with the test
     work = tmp_path / "notebooks"
     work.mkdir()
     shutil.copy(NOTEBOOKS / f"{name}.ipynb", work)
