@@ -74,7 +74,7 @@ from intq.passes.ops import dyadic
 from intq.passes.ops.base import IMMEDIATES_ATTR, OP_ATTR, kernel_operands, split_range_suffix
 from intq.passes.ops.conv import ConvConfig, IntConv2d
 from intq.passes.ops.unpack_int4 import emit_unpack_int4, pack_int4
-from intq.passes.schedules.gemm import Tiles
+from intq.passes.schedules.gemm import Tiles, register_tile
 from intq.passes.schedules.x86_int8 import LANES, REDUCE, dot_8x4_impl
 
 SCHEDULE_NAME = "x86_avx2_conv_gemm"
@@ -263,14 +263,7 @@ def schedule_conv_gemm(func: tirx.PrimFunc, tiles: Tiles) -> tirx.PrimFunc:
     task = sch.fuse(n, p_tile)
     sch.reverse_compute_at(epilogue, jo_tile)
     sch.parallel(task)
-    init = sch.decompose_reduction(acc, a0)
-    dot = sch.blockize(jj)
-    sch.unroll(p_in)
-    sch.unroll(jo_in)
-    *_, init_rows, init_blocks, init_lanes = sch.get_loops(init)
-    sch.vectorize(init_lanes)
-    sch.unroll(init_blocks)
-    sch.unroll(init_rows)
+    dot = register_tile(sch, acc, a0, jj, p_in, jo_in)
     # The epilogue's accesses to acc at constant offsets (every loop unrolled but the lanes), so that LLVM keeps
     # the accumulator tile in registers: one access at a variable offset and the tile stays in memory.
     # Vectorized over 8 channels where the pixel count is static; with a symbolic one the rows loop carries a

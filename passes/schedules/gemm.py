@@ -352,6 +352,23 @@ def gemm_te(kernel: LinearKernel, tiles: Tiles, dot: DotIntrinsic = X86_AVX2) ->
     return te.create_prim_func([x, w, *params.values(), y])
 
 
+def register_tile(sch: s_tir.Schedule, acc, reduce_loop, lanes_loop, rows_loop, blocks_loop):
+    """Zero the accumulator tile vectorized and unrolled, unroll the tile's rows and blocks; the dot block.
+
+    Shared by the GEMM and the conv-as-GEMM schedules: with every tile loop unrolled, LLVM keeps the
+    ``rows x col_blocks`` accumulators in registers.  Returns the blockized dot (what gets tensorized).
+    """
+    init = sch.decompose_reduction(acc, reduce_loop)
+    dot_block = sch.blockize(lanes_loop)
+    sch.unroll(rows_loop)
+    sch.unroll(blocks_loop)
+    *_, init_rows, init_blocks, init_lanes = sch.get_loops(init)
+    sch.vectorize(init_lanes)
+    sch.unroll(init_blocks)
+    sch.unroll(init_rows)
+    return dot_block
+
+
 def schedule_gemm(func: tirx.PrimFunc, tiles: Tiles, dot: DotIntrinsic = X86_AVX2) -> tirx.PrimFunc:
     """Tile, pack, fuse and tensorize ``gemm_te``'s PrimFunc (see the module docstring)."""
     dot.check_tiles(tiles)
@@ -364,14 +381,7 @@ def schedule_gemm(func: tirx.PrimFunc, tiles: Tiles, dot: DotIntrinsic = X86_AVX
     sch.compute_at(panel, i_tile)
     sch.reverse_compute_at(epilogue, jo_tile)
     sch.parallel(i_tile)
-    init = sch.decompose_reduction(acc, ko)
-    dot_block = sch.blockize(j)
-    sch.unroll(i_in)
-    sch.unroll(jo_in)
-    *_, init_rows, init_blocks, init_lanes = sch.get_loops(init)
-    sch.vectorize(init_lanes)
-    sch.unroll(init_blocks)
-    sch.unroll(init_rows)
+    dot_block = register_tile(sch, acc, ko, j, i_in, jo_in)
     *_, e_rows, e_cols = sch.get_loops(epilogue)
     e_blocks, e_lanes = sch.split(e_cols, [None, dot.lanes])
     sch.vectorize(e_lanes)
