@@ -101,3 +101,61 @@ def dot_8x4_impl(scope_a: str = "global", scope_b: str = "global", scope_c: str 
 
 
 s_tir.TensorIntrin.register(DOT_8X4_I8I8I32_AVX2, dot_8x4_desc, dot_8x4_impl(), override=True)
+
+
+# --- AVX-512 VNNI: one instruction per 32 products, the activations offset to unsigned --------------------------
+
+DOT_8X4_U8I8I32_VNNI = "dot_8x4_u8i8i32_vnni"
+VNNI_OFFSET = 128  # added to every int8 activation to make it the unsigned operand of vpdpbusd
+
+
+@T.prim_func(s_tir=True)
+def dot_8x4_vnni_desc(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((8, 4), "int8", offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+        T.writes(C[0:8])
+        for j, k in T.grid(8, 4):
+            with T.sblock("update"):
+                vj, vk = T.axis.remap("SR", [j, k])
+                C[vj] = C[vj] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vj, vk])
+
+
+def dot_8x4_vnni_impl(scope_a: str = "global", scope_b: str = "global", scope_c: str = "global") -> tirx.PrimFunc:
+    """``C[j] += sum_k A[k] * B[j, k]`` with ``A`` uint8: one ``vpdpbusd`` on ymm registers (AVX-512 VNNI + VL).
+
+    ``vpdpbusd(C, a, B)`` adds, in each int32 lane, the four products of the
+    lane's unsigned bytes of ``a`` and signed bytes of ``B`` to ``C``.  Each
+    product is at most ``255 * 128`` in magnitude and the four are summed in
+    32 bits (no 16-bit intermediate, no saturation: ``vpdpbusds`` is the
+    saturating form), so the lane gains the exact sum; the ``C +=`` wraps
+    like any int32 addition.  Every int8 weight works, ``-128`` included.
+    The LLVM of TVM 0.27 declares the intrinsic on ``<32 x i8>`` operands
+    (older LLVMs, and TVM's own ``tensor_intrin/x86.py``, pass ``<8 x i32>``,
+    which this LLVM rejects).
+    """
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((4,), "uint8", offset_factor=1, scope=scope_a),
+        B: T.Buffer((8, 4), "int8", offset_factor=1, scope=scope_b),
+        C: T.Buffer((8,), "int32", offset_factor=1, scope=scope_c),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+            T.writes(C[0:8])
+            C[T.ramp(0, 1, 8)] = T.call_llvm_pure_intrin(
+                "int32x8",
+                "llvm.x86.avx512.vpdpbusd.256",
+                C[T.ramp(0, 1, 8)],
+                T.reinterpret("int8x32", T.broadcast(T.reinterpret("int32", A.vload([0], "uint8x4")), 8)),
+                B.vload([0, 0], "int8x32"),
+            )
+
+    return impl
+
+
+s_tir.TensorIntrin.register(DOT_8X4_U8I8I32_VNNI, dot_8x4_vnni_desc, dot_8x4_vnni_impl(), override=True)

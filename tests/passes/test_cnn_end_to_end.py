@@ -28,7 +28,7 @@ from intq.passes import compat
 from intq.passes.onnx_import import import_onnx
 from intq.passes.pipeline import compile_onnx
 from intq.passes.schedules import ScheduleKernels
-from intq.passes.schedules.conv import SCHEDULE_NAME
+from intq.passes.schedules.conv import SCHEDULE_NAME, VNNI_SCHEDULE_NAME
 
 TARGET = {"kind": "llvm", "mcpu": "znver3"}
 
@@ -73,10 +73,10 @@ def tiny_cnn() -> TinyCNN:
     return model
 
 
-def check(qmodel, inputs: list[torch.Tensor]) -> onnx.ModelProto:
+def check(qmodel, inputs: list[torch.Tensor], target=TARGET) -> onnx.ModelProto:
     """Compile ``qmodel``'s integer ONNX once; each input gives onnxruntime's and the emulation's output exactly."""
     int_model = qmodel.to_onnx()
-    compiled = compile_onnx(int_model, TARGET)
+    compiled = compile_onnx(int_model, target)
     vm = compat.VirtualMachine(compiled.executable, compat.tvm.cpu(0))
     session = ort.InferenceSession(int_model.SerializeToString(), providers=["CPUExecutionProvider"])
     for x in inputs:
@@ -87,14 +87,14 @@ def check(qmodel, inputs: list[torch.Tensor]) -> onnx.ModelProto:
     return int_model
 
 
-def assert_convs_scheduled(int_model: onnx.ModelProto) -> None:
+def assert_convs_scheduled(int_model: onnx.ModelProto, target=TARGET) -> None:
     """Every dense conv takes the GEMM rewrite; the grouped ones (the average pools) the direct schedule."""
-    schedule = ScheduleKernels(compat.make_target(TARGET))
+    schedule = ScheduleKernels(compat.make_target(target))
     mod = schedule(import_onnx(int_model))
     convs = [n.op_type for n in int_model.graph.node if n.op_type.startswith("IntConv2d")]
     dense = [op for op in convs if "_g1_" in op or op.endswith("_g1")]
     kernels = [f for f in mod.functions.values() if isinstance(f, compat.tirx.PrimFunc) and f.attrs]
-    gemm = [f for f in kernels if str(f.attrs.get("intq.schedule", "")) == SCHEDULE_NAME]
+    gemm = [f for f in kernels if str(f.attrs.get("intq.schedule", "")) in (SCHEDULE_NAME, VNNI_SCHEDULE_NAME)]
     direct = [f for f in kernels if str(f.attrs.get("intq.schedule", "")) == "schedule_direct"]
     assert dense and len(gemm) >= len(set(dense)), (convs, schedule.skipped)
     assert len(direct) >= len(set(convs) - set(dense)), (convs, schedule.skipped)
@@ -132,13 +132,14 @@ def resnet8_and_images():
     return load_resnet8(), to_nchw(images)
 
 
+@pytest.mark.parametrize("target", [TARGET, "x86"], ids=["znver3", "host"])  # host: VNNI convs where it has them
 @pytest.mark.parametrize("bits", [8, 4])
-def test_resnet8(resnet8_and_images, bits):
+def test_resnet8(resnet8_and_images, bits, target):
     model, images = resnet8_and_images
     qmodel = intq.quantize(model, [images[:16], images[16:32]], QuantConfig(bits=bits), progress=False)
-    int_model = check(qmodel, [images[32:33], images[33:40]])
+    int_model = check(qmodel, [images[32:33], images[33:40]], target)
     assert_narrow(int_model, bits)
-    assert_convs_scheduled(int_model)
+    assert_convs_scheduled(int_model, compat.host_target() if target == "x86" else target)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -26,12 +26,15 @@ import torch
 from intq.passes import compat
 from intq.passes.onnx_import import import_onnx
 from intq.passes.schedules import ScheduleKernels
-from intq.passes.schedules.conv import SCHEDULE_NAME, Layout, pack_conv_weight, plan_tiles
+from intq.passes.schedules.conv import SCHEDULE_NAME, VNNI_SCHEDULE_NAME, Layout, pack_conv_weight, plan_tiles
 from intq.passes.schedules.gemm import Tiles
 from intq.quantizer.ops.conv import IntConv2d
 from intq.quantizer.ops.onnx_fn import single_op_model
 
 TARGET = {"kind": "llvm", "mcpu": "znver3"}
+VNNI = {"kind": "llvm", "mcpu": "znver4"}  # AVX-512 VNNI: vpdpbusd on the input offset by 128
+HOST_HAS_VNNI = compat.tvm.target.codegen.llvm_cpu_has_features(["avx512vnni", "avx512vl"], compat.host_target())
+needs_vnni = pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no AVX-512 VNNI to run the kernels")
 
 pytestmark = [
     pytest.mark.filterwarnings(
@@ -128,16 +131,20 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize(
+    ("target", "gemm_schedule"),
+    [(TARGET, SCHEDULE_NAME), pytest.param(VNNI, VNNI_SCHEDULE_NAME, marks=needs_vnni, id="vnni")],
+)
 @pytest.mark.parametrize("case", list(CASES))
-def test_scheduled_conv_equals_onnxruntime(case):
+def test_scheduled_conv_equals_onnxruntime(case, target, gemm_schedule):
     w_shape, config, shapes, dims = CASES[case]
     rng = np.random.default_rng(len(case))
     op = conv_op(rng, w_shape, **config)
     model = with_symbols(single_op_model(op, [np.zeros(shapes[0], np.int8)]), dims)
-    _, vm, schedule, mod = compile_scheduled(model)
+    _, vm, schedule, mod = compile_scheduled(model, target)
     assert schedule.scheduled == {"intq_conv2d": "conv"}
     grouped = config.get("groups", 1) > 1
-    assert kernel_schedules(mod) == ({"schedule_direct"} if grouped else {SCHEDULE_NAME})
+    assert kernel_schedules(mod) == ({"schedule_direct"} if grouped else {gemm_schedule})
     if grouped:
         assert schedule.skipped["intq_conv2d"].startswith("a grouped convolution")
     assert_exact(op, vm, model, [int8s(rng, shape) for shape in shapes])
@@ -151,6 +158,19 @@ def test_weight_with_minus_128_falls_back_to_the_direct_schedule_and_is_exact():
     assert "holds -128" in schedule.skipped["intq_conv2d"]
     assert kernel_schedules(mod) == {"schedule_direct"}
     assert_exact(op, vm, model, [int8s(rng, (1, 16, 10, 10))])
+
+
+@needs_vnni
+def test_vnni_takes_minus_128_weights_and_uses_vpdpbusd():
+    """vpdpbusd multiplies u8 x s8 exactly for every int8 weight; the padded input holds 0 + 128."""
+    rng = np.random.default_rng(3)
+    op = conv_op(rng, (16, 16, 3, 3), weight_lo=-128, padding=1)
+    model = single_op_model(op, [np.zeros((1, 16, 10, 10), np.int8)])
+    executable, vm, schedule, mod = compile_scheduled(model, VNNI)
+    assert kernel_schedules(mod) == {VNNI_SCHEDULE_NAME}
+    asm = executable.mod.imports[0].inspect_source("asm")
+    assert "vpdpbusd" in asm and "vpmaddubsw" not in asm
+    assert_exact(op, vm, model, [int8s(rng, (1, 16, 10, 10)), np.full((1, 16, 10, 10), -128, np.int8)])
 
 
 def test_cpu_without_avx2_gets_the_direct_schedule():
@@ -185,6 +205,8 @@ def test_tiles_fit_the_output_channels():
     assert plan_tiles(192) == Tiles(rows=2, col_blocks=6)
     assert plan_tiles(32) == Tiles(rows=3, col_blocks=4)
     assert plan_tiles(20) == Tiles(rows=4, col_blocks=3)
+    assert plan_tiles(16, accumulators=24) == Tiles(rows=12, col_blocks=2)  # AVX-512: 32 registers
+    assert plan_tiles(192, accumulators=24) == Tiles(rows=4, col_blocks=6)
 
 
 def test_packed_weight_layout():

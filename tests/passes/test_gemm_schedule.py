@@ -1,7 +1,9 @@
-"""The x86 AVX2 GEMM schedule: scheduled linear kernels equal onnxruntime bit for bit, and run vpmaddubsw.
+"""The x86 GEMM schedules: scheduled linear kernels equal onnxruntime bit for bit, and run the dot they claim.
 
-Every model is compiled for an AVX2-only CPU (``znver3``), the deployment
-target, after ``ScheduleKernels``; onnxruntime runs the ``intq`` ONNX
+Every model is compiled for an AVX2-only CPU (``znver3``) after
+``ScheduleKernels``, and the bit-exact cases again for an AVX-512 VNNI CPU
+(``znver4``: ``vpdpbusd`` on activations offset by 128, ``VNNI`` below,
+run where the host has VNNI); onnxruntime runs the ``intq`` ONNX
 function (``MatMulInteger`` and the integer requantize) on the same inputs.
 The integers are adversarial for the ``vpmaddubsw`` trick: rows of -128
 (``|a| = 128``, the unsigned operand at its top), weights of +-127 (pair sums
@@ -23,7 +25,16 @@ from intq.passes import compat
 from intq.passes.onnx_import import import_onnx
 from intq.passes.pipeline import compile_onnx
 from intq.passes.schedules import SCHEDULE_ATTR, SCHEDULES, ScheduleKernels, schedule_with
-from intq.passes.schedules.gemm import SCHEDULE_NAME, Tiles, match_linear, pack_weight
+from intq.passes.schedules.gemm import (
+    MAX_OFFSET_K,
+    SCHEDULE_NAME,
+    X86_AVX2,
+    X86_VNNI,
+    Tiles,
+    dot_intrinsic,
+    match_linear,
+    pack_weight,
+)
 from intq.quantizer.ops.add import IntAdd
 from intq.quantizer.ops.base import ONNX_OPSET
 from intq.quantizer.ops.linear import IntLinear, IntLinear16, IntLinearAcc
@@ -32,6 +43,10 @@ from intq.quantizer.ops.onnx_fn import single_op_model
 from intq.quantizer.ops.requantize import Requantize
 
 TARGET = {"kind": "llvm", "mcpu": "znver3"}  # AVX2 and FMA, no AVX-512: the Zen 3 the artifacts run on
+VNNI = {"kind": "llvm", "mcpu": "znver4"}  # AVX-512 F/BW/VL and VNNI
+HOST_HAS_VNNI = compat.tvm.target.codegen.llvm_cpu_has_features(["avx512vnni", "avx512vl"], compat.host_target())
+needs_vnni = pytest.mark.skipif(not HOST_HAS_VNNI, reason="this CPU has no AVX-512 VNNI to run the kernels")
+BOTH = [TARGET, pytest.param(VNNI, marks=needs_vnni, id="vnni")]
 
 pytestmark = [
     pytest.mark.filterwarnings(
@@ -96,12 +111,12 @@ def make_op(cls, rng, n: int, k: int):
     return cls(w, b, ratio)
 
 
-def compile_scheduled(model: onnx.ModelProto, expect_scheduled: int = 1):
-    """Import, schedule for TARGET and build ``model``: ``(executable, vm, the pass)``."""
-    schedule = ScheduleKernels(compat.make_target(TARGET))
+def compile_scheduled(model: onnx.ModelProto, expect_scheduled: int = 1, target=TARGET):
+    """Import, schedule for ``target`` and build ``model``: ``(executable, vm, the pass)``."""
+    schedule = ScheduleKernels(compat.make_target(target))
     mod = schedule(import_onnx(model))
     assert len(schedule.scheduled) == expect_scheduled, (schedule.scheduled, schedule.skipped)
-    executable = compat.build(mod, compat.make_target(TARGET))
+    executable = compat.build(mod, compat.make_target(target))
     return executable, compat.VirtualMachine(executable, compat.tvm.cpu(0)), schedule
 
 
@@ -121,13 +136,14 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("target", BOTH)
 @pytest.mark.parametrize("case", list(CASES))
-def test_symbolic_rows_equal_onnxruntime(case):
+def test_symbolic_rows_equal_onnxruntime(case, target):
     """One module, x [batch, seq, K], run at M = 1, 7, 197 (and 2 x 5): every output equals onnxruntime's."""
     cls, k, n = CASES[case]
     rng = np.random.default_rng(sum(map(ord, case)))
     model = symbolic_rows(single_op_model(make_op(cls, rng, n, k), [np.zeros((1, 3, k), np.int8)]))
-    _, vm, _ = compile_scheduled(model)
+    _, vm, _ = compile_scheduled(model, target=target)
     for shape in [(1, 1), (1, 7), (1, 197), (2, 5)]:
         x = activations(rng, (*shape, k))
         want = ort_run(model, {"x": x})
@@ -136,24 +152,26 @@ def test_symbolic_rows_equal_onnxruntime(case):
         np.testing.assert_array_equal(got, want, err_msg=f"{case} at rows {shape}")
 
 
-def test_static_matrix_input_equals_onnxruntime():
+@pytest.mark.parametrize("target", BOTH)
+def test_static_matrix_input_equals_onnxruntime(target):
     """x [197, 768] (rank 2, no reshape around the kernel), all -128 against all +-127 included."""
     rng = np.random.default_rng(7)
     op = make_op(IntLinear, rng, 144, 768)
     x = activations(rng, (197, 768))
     model = single_op_model(op, [x])
-    _, vm, _ = compile_scheduled(model)
+    _, vm, _ = compile_scheduled(model, target=target)
     np.testing.assert_array_equal(run_vm(vm, x), ort_run(model, {"x": x}))
 
 
-def test_accumulator_extremes_with_K1536():
+@pytest.mark.parametrize("target", BOTH)
+def test_accumulator_extremes_with_K1536(target):
     """acc = +-1536 * 128 * 127 (every product at its bound, one sign) and the alternating cancellations."""
     k = 1536
     x = np.stack([np.full(k, -128), np.full(k, 127), np.resize([-128, 127], k)]).astype(np.int8)[None]
     w = np.stack([np.full(k, 127), np.full(k, -127), np.resize([127, -127], k)] * 16).astype(np.int8)
     op = IntLinearAcc(w, np.zeros(48, np.int64))
     model = symbolic_rows(single_op_model(op, [x]))
-    _, vm, _ = compile_scheduled(model)
+    _, vm, _ = compile_scheduled(model, target=target)
     got = run_vm(vm, x)
     np.testing.assert_array_equal(got, ort_run(model, {"x": x}))
     assert got.min() == -k * 128 * 127 and got.max() == k * 128 * 127
@@ -171,6 +189,44 @@ def test_assembly_uses_the_avx2_int8_dot():
     for instruction in ("vpmaddubsw", "vpmaddwd", "vpsignb"):
         assert instruction in asm, instruction
     assert "zmm" not in asm  # AVX2 only
+
+
+@needs_vnni
+def test_vnni_assembly_and_minus_128_weights():
+    """On VNNI: one vpdpbusd per 32 products, no vpmaddubsw; -128 weights (x86 AVX2 refuses them) are exact."""
+    rng = np.random.default_rng(13)
+    w = weights(rng, 40, 200)
+    w[5:9] = -128  # whole rows at -128: sum_k w at its most negative
+    w[9, ::3] = -128
+    op = IntLinearAcc(w, rng.integers(-(2**20), 2**20, 40))
+    model = symbolic_rows(single_op_model(op, [np.zeros((1, 3, 200), np.int8)]))
+    executable, vm, schedule = compile_scheduled(model, target=VNNI)
+    asm = executable.mod.imports[0].inspect_source("asm")
+    assert "vpdpbusd" in asm and "vpmaddubsw" not in asm
+    for rows in (1, 6, 33):
+        x = activations(rng, (1, rows, 200))
+        np.testing.assert_array_equal(run_vm(vm, x), ort_run(model, {"x": x}), err_msg=f"rows {rows}")
+
+
+def test_dot_intrinsic_by_target_features():
+    assert dot_intrinsic(compat.make_target(VNNI)) is X86_VNNI
+    assert dot_intrinsic(compat.make_target(TARGET)) is X86_AVX2
+    assert dot_intrinsic(compat.make_target({"kind": "llvm", "mcpu": "skylake-avx512"})) is X86_AVX2  # no VNNI
+
+
+@needs_vnni
+def test_vnni_falls_back_to_avx2_when_the_offset_sum_could_wrap():
+    """K > MAX_OFFSET_K: sum_k (x + 128) w could leave int32, so the AVX2 dot (no offset) is used, still exact."""
+    k = MAX_OFFSET_K + 4
+    rng = np.random.default_rng(14)
+    w = np.resize([127, -127, 5], (8, k)).astype(np.int8)
+    op = IntLinearAcc(w, np.zeros(8, np.int64))
+    model = single_op_model(op, [np.zeros((2, k), np.int8)])
+    executable, vm, _ = compile_scheduled(model, target=VNNI)
+    asm = executable.mod.imports[0].inspect_source("asm")
+    assert "vpmaddubsw" in asm and "vpdpbusd" not in asm
+    x = rng.integers(-128, 127, (2, k), endpoint=True).astype(np.int8)
+    np.testing.assert_array_equal(run_vm(vm, x), ort_run(model, {"x": x}))
 
 
 def residual_model(rng, k: int, n: int) -> onnx.ModelProto:
