@@ -10,9 +10,12 @@ one-node ONNX model, ``import_onnx``, then ``ScheduleKernels``) with the dims
 the models leave symbolic (batch; MiniLM's sequence too), compiled for an
 AVX2 CPU (``--mcpu``, default ``x86-64-v3``) unscheduled and scheduled.
 Timed alone (the PrimFunc, outputs preallocated; a dense conv's scheduled
-kernel with its weight packed as the call rewrite packs it), after checking
-that both give the same bits.  Each thread count runs in its own process
-(``TVM_NUM_THREADS`` is read when the thread pool starts).  Prints the median
+kernel with its weight packed as the call rewrite packs it; ShiftGELU's
+kernel reads its 256-byte table, and its schedule depends on the target:
+``--mcpu znver4`` gathers with AVX-512 VBMI), after checking that both give
+the same bits; ``--kernels`` keeps only the named kernels.  Each thread
+count runs in its own process (``TVM_NUM_THREADS`` is read when the thread
+pool starts).  Prints the median
 over ``--repeat`` timings (each of at least 20 ms of calls), the fastest one
 in brackets (on a shared machine the least disturbed), and
 scheduled-over-unscheduled speedups.  ``--clock cpu`` times the calling
@@ -21,7 +24,7 @@ load, it counts only this kernel's cycles (one thread only: the pool's other
 threads are not counted).
 
     python benchmarks/kernel_microbench.py [--threads 1,2] [--repeat 25] [--models deit_tiny,minilm,cnn]
-        [--clock wall|cpu]
+        [--kernels ShiftGELU,...] [--clock wall|cpu]
 """
 
 from __future__ import annotations
@@ -95,7 +98,8 @@ def cases(model: str) -> dict:
             {"x": dims(0, 1)},
             "schedule_layernorm",
         ),
-        "ShiftGELU": (ShiftGELU(0.05, 0.03), {"x": ((1, seq, mlp), np.int8)}, {"x": dims(0, 1)}, "schedule_shiftgelu"),
+        # None: the registered schedule, which takes the target (the table's vpermi2b gather needs AVX-512 VBMI)
+        "ShiftGELU": (ShiftGELU(0.05, 0.03), {"x": ((1, seq, mlp), np.int8)}, {"x": dims(0, 1)}, None),
         "IntAdd": (
             IntAdd(np.linspace(0.1, 0.9, hidden), 0.37),
             {"a": ((1, seq, hidden), np.int16), "b": ((1, seq, hidden), np.int16)},
@@ -124,8 +128,12 @@ def cases(model: str) -> dict:
 
 
 def kernel(op, inputs: dict, symbols: dict):
-    """The op's PrimFunc as ``import_onnx`` builds it, and its buffer params (in order) as numpy arrays."""
-    from onnx import numpy_helper
+    """The op's PrimFunc as ``import_onnx`` builds it, and its buffer params (in order) as numpy arrays.
+
+    Those after the data inputs are constants of the call (multi-element initializers; ShiftGELU's table):
+    single-element integer params are immediates in the kernel (``passes/ops/base.param_operand``).
+    """
+    import tvm
 
     from intq.passes import compat
     from intq.passes.onnx_import import import_onnx
@@ -136,11 +144,14 @@ def kernel(op, inputs: dict, symbols: dict):
         for axis, name in symbols.get(value.name, {}).items():
             value.type.tensor_type.shape.dim[axis].dim_param = name
     mod = import_onnx(model)
-    (func,) = [f for f in mod.functions.values() if isinstance(f, compat.tirx.PrimFunc)]
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    # single-element integer params are immediates in the kernel (passes/ops/base.param_operand)
-    params = [np.ascontiguousarray(inits[n]) for n in model.graph.node[0].input[len(inputs) :] if inits[n].size > 1]
-    return func, params
+    (call,) = [
+        b.value
+        for block in mod["main"].body.blocks
+        for b in block.bindings
+        if isinstance(b.value, compat.relax.Call) and isinstance(b.value.args[0], tvm.ir.GlobalVar)
+    ]
+    params = [compat.constant_value(a) for a in call.args[1].fields[len(inputs) :]]
+    return mod[call.args[0]], [np.ascontiguousarray(p) for p in params]
 
 
 def scheduled_kernel(op, inputs: dict, symbols: dict, mcpu: str):
@@ -212,6 +223,8 @@ def worker(args) -> None:
     rng = np.random.default_rng(1)
     for model in args.models:
         for name, (op, inputs, symbols, schedule) in cases(model).items():
+            if args.kernels and name not in args.kernels:
+                continue
             func, params = kernel(op, inputs, symbols)
             data = []
             for shape, dtype in inputs.values():
@@ -229,7 +242,8 @@ def worker(args) -> None:
             for label, kernel_func, sched, kernel_params in variants:
                 fn = compile_kernel(kernel_func, sched, args.mcpu)
                 out_shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else 1 for d in kernel_func.params[-1].ty.shape]
-                if "MatMul" in name or schedule is not None:  # their symbolic dims are the inputs'
+                same_shape = str(kernel_func.params[-1].ty.shape) == str(kernel_func.params[0].ty.shape)
+                if "MatMul" in name or schedule is not None or same_shape:  # their symbolic dims are the inputs'
                     out_shape = data[0].shape[:-1] + data[-1].shape[-1:] if "MatMul" in name else data[0].shape
                 out = tvm.runtime.tensor(np.zeros(out_shape, str(kernel_func.params[-1].ty.dtype)))
                 call_args = [tvm.runtime.tensor(a) for a in [*data, *kernel_params]] + [out]
@@ -247,11 +261,13 @@ def main(argv=None) -> None:
     p.add_argument("--threads", default="1,2", help="comma-separated TVM_NUM_THREADS values, one process each")
     p.add_argument("--repeat", type=int, default=25)
     p.add_argument("--models", default=f"{DEIT},{MINILM}")
+    p.add_argument("--kernels", default="", help="comma-separated kernel names (default: every kernel)")
     p.add_argument("--mcpu", default="x86-64-v3", help="LLVM CPU of the target (x86-64-v3: AVX2, no AVX-512)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="cpu: this thread's CPU time (1 thread)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.models = args.models.split(",")
+    args.kernels = [k for k in args.kernels.split(",") if k]
     if args.clock == "cpu" and args.threads != "1":
         p.error("--clock cpu counts the calling thread only: use it with --threads 1")
     if args.worker:
@@ -264,7 +280,7 @@ def main(argv=None) -> None:
         env = dict(os.environ, TVM_NUM_THREADS=str(n))
         argv_ = [sys.executable, __file__, "--worker", "--repeat", str(args.repeat), "--mcpu", args.mcpu]
         argv_ += ["--clock", args.clock, "--threads", str(n)]
-        argv_ += ["--models", ",".join(args.models)]
+        argv_ += ["--models", ",".join(args.models), "--kernels", ",".join(args.kernels)]
         done = subprocess.run(argv_, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"the worker with TVM_NUM_THREADS={n} failed:\n{done.stderr}")

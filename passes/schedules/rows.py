@@ -10,10 +10,14 @@ function                 blocks (dataflow order; the output block last)         
 ``schedule_shiftmax``    ``row_max``, ``exp``, ``row_sum``, ``factor``, ``shiftmax``  ``Shiftmax``
 ``schedule_layernorm``   ``sum_x``, ``mean``, ``sum_sq``, ``var``, ``isqrt_1`` ...     ``ILayerNorm``
                          ``isqrt_24``, ``factor``, ``layernorm``
-``schedule_shiftgelu``   ``shiftgelu``                                               ``ShiftGELU``
+``schedule_shiftgelu``   ``shiftgelu`` (formula) or ``lookup`` (int8 table)          ``ShiftGELU``
 ``schedule_add``         ``add``                                                     ``IntAdd``
 ``schedule_requantize``  ``requantize``                                              ``Requantize``
 =======================  ==========================================================  ===============
+
+ShiftGELU's ``SCHEDULES`` entry is ``schedule_shiftgelu_kernel(func,
+target)``: ``schedule_shiftgelu``, then the table's AVX-512 VBMI gather
+where the target has it (see "One lookup table" below).
 
 A schedule reorders and distributes the same integer operations; it never
 changes one of them, so the scheduled kernel equals the unscheduled one (and
@@ -58,16 +62,37 @@ thread (``mcpu=x86-64-v3``), TVM-vectorized against LLVM's choice:
   0.047);
 - IntAdd ``[1, 197, 192]``: 0.027 -> 0.023 ms, Requantize ``[1, 197, 768]``:
   0.124 -> 0.104 ms (16 lanes);
-- ShiftGELU: 7-10% slower at 4, 8 or 16 lanes, left to LLVM.  Its cost is
-  the per-element 64-bit division ``2**62 // (ea + eb)``, which no x86
-  vector unit has; only the threads divide it.
+- ShiftGELU's formula kernel: 7-10% slower at 4, 8 or 16 lanes, left to
+  LLVM.  Its cost is the per-element 64-bit division ``2**62 // (ea +
+  eb)``, which no x86 vector unit has; only the threads divide it.
 
-No lookup tables: every kernel computes its formula.
+One lookup table: ShiftGELU of an int8 ``x`` with constant ``D``, ``m``,
+``s`` (every ShiftGELU the quantizer makes) is a gather from 256 bytes
+that the converter computes at compile time by the same formula
+(``passes/ops/shiftgelu.py``); the formula kernel remains for int16 inputs
+and run-time params.  ``schedule_shiftgelu`` runs the gather's rows in
+parallel and leaves the last axis to LLVM (byte loads; TVM's ``vectorize``
+of a gather inserts bytes one at a time and was slower at 16, 32 and 64
+lanes).  On a target with AVX-512 VBMI, ``schedule_shiftgelu_kernel``
+(the registered entry) gathers 64 bytes per step instead: two
+``vpermi2b`` (each a 128-entry byte table) and a select on the sign, when
+the last axis is a static multiple of 64 (DeiT 768, MiniLM 1536).
+Measured, ShiftGELU ``[1, 197, 768]`` int8, one thread, on this 2-core
+znver4 host (``benchmarks/kernel_microbench.py --threads 1 --models
+deit_tiny --kernels ShiftGELU``): the formula 0.56 ms (``x86-64-v3``) /
+0.47 ms (``znver4``); the table with byte loads 0.039 ms (``x86-64-v3``);
+with ``vpermi2b`` 0.003 ms (``znver4``).  ``[1, 128, 1536]``: 0.72 / 0.61
+ms -> 0.049 / 0.004 ms.  DeiT-tiny, batch 1, one thread: 26.1 -> 20.3 ms,
+its 12 ShiftGELU calls 6.3 -> 0.22 ms.  The other kernels compute their
+formula: their inputs are wider than 8 bits or their rows are reduced.
 """
 
 from __future__ import annotations
 
-from intq.passes.compat import s_tir, tirx
+from tvm.script import tirx as T
+
+from intq.passes import compat
+from intq.passes.compat import s_tir, tirx, tvm
 
 #: Rows of the innermost leading dim per parallel task, per kernel.
 ROWS_PER_TASK = {"shiftmax": 8, "layernorm": 4, "elementwise": 1}
@@ -78,9 +103,15 @@ VECTORIZE = {
     "shiftmax": {"exp": 8, "shiftmax": 8},
     "layernorm": {"layernorm": 16},
     "shiftgelu": {},
+    "lookup": {},
     "add": {"add": 16},
     "requantize": {"requantize": 16},
 }
+
+#: ShiftGELU's table kernel: its block (passes/ops/shiftgelu.py), and the bytes per ``vpermi2b`` gather
+LOOKUP_BLOCK = "lookup"
+VBMI_LANES = 64
+VPERMI2B = "llvm.x86.avx512.vpermi2var.qi.512"
 
 #: ILayerNorm's per-row stages in reverse dataflow order (consumers before producers, as compute_at needs).
 LAYERNORM_ROW_STAGES = (
@@ -113,8 +144,64 @@ def schedule_layernorm(sch: s_tir.Schedule) -> None:
 
 
 def schedule_shiftgelu(sch: s_tir.Schedule) -> None:
-    """Rows in parallel; the last axis left to LLVM's vectorizer (see the module docstring)."""
-    _schedule_elementwise(sch, "shiftgelu")
+    """Rows in parallel, the last axis left to LLVM, for either ShiftGELU kernel (formula or table).
+
+    Any LLVM CPU; ``schedule_shiftgelu_kernel`` adds the AVX-512 VBMI gather where the target has it.
+    """
+    _schedule_elementwise(sch, LOOKUP_BLOCK if is_lookup(sch) else "shiftgelu")
+
+
+def schedule_shiftgelu_kernel(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
+    """The ``SCHEDULES`` entry of ShiftGELU: ``schedule_shiftgelu``, then, for the table kernel on a target
+    with AVX-512 VBMI and a static last axis that is a multiple of 64, its gather by ``vpermi2b``, 64 bytes at
+    a time (see the module docstring); any other last axis stays a loop of byte loads.
+    """
+    sch = s_tir.Schedule(func)
+    schedule_shiftgelu(sch)
+    out = sch.mod["main"]
+    if is_lookup(sch) and has_vbmi(target):
+        block = _blockize_lanes(sch, LOOKUP_BLOCK, VBMI_LANES)
+        if block is not None:
+            x, table, y = (p.name for p in func.params)  # shiftgelu_lookup_te's order
+            out = compat.tensorize(sch.mod["main"], block, vbmi_lookup_impl(), {"X": x, "Tab": table, "Y": y})
+    return out if "global_symbol" in (func.attrs or {}) else out.without_attr("global_symbol")
+
+
+def is_lookup(sch: s_tir.Schedule) -> bool:
+    """Whether the kernel is ShiftGELU's table gather (``passes/ops/shiftgelu.py``) rather than its formula."""
+    return any(sch.get(b).name_hint == LOOKUP_BLOCK for b in sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def has_vbmi(target: tvm.target.Target) -> bool:
+    """Whether an LLVM target has ``vpermi2b`` on 512-bit vectors (AVX-512 VBMI; byte compares need BW)."""
+    return all(tvm.target.codegen.target_has_features(f, target) for f in ("avx512vbmi", "avx512bw"))
+
+
+def vbmi_lookup_impl() -> tirx.PrimFunc:
+    """A fresh ``Y[0:64] = T[int32(X[0:64]) + 128]`` (``compat.tensorize`` needs one per use).
+
+    ``vpermi2b(a, i, b)`` picks, per byte, entry ``i & 127`` of the 128 bytes
+    ``a ++ b``.  For an int8 ``x``, ``x & 127 = x + 128`` when ``x < 0`` and
+    ``x`` when ``x >= 0``: the first half of ``T`` serves the negative
+    bytes, the second half the others, and the sign picks between the two.
+    """
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        X: T.Buffer((64,), "int8", offset_factor=1),
+        Tab: T.Buffer((256,), "int8", offset_factor=1),
+        Y: T.Buffer((64,), "int8", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(X[0:64], Tab[0:256])
+            T.writes(Y[0:64])
+            Y[T.ramp(0, 1, 64)] = T.Select(
+                X.vload([0], "int8x64") < T.Broadcast(T.int8(0), 64),
+                _vpermi2b(Tab, 0, X),
+                _vpermi2b(Tab, 128, X),
+            )
+
+    return impl
 
 
 def schedule_add(sch: s_tir.Schedule) -> None:
@@ -130,6 +217,28 @@ def schedule_requantize(sch: s_tir.Schedule) -> None:
 def _schedule_elementwise(sch: s_tir.Schedule, name: str) -> None:
     _schedule_rows(sch, name, (), ROWS_PER_TASK["elementwise"])
     _vectorize_last(sch, VECTORIZE[name])
+
+
+def _vpermi2b(table: tirx.Buffer, start: int, x: tirx.Buffer) -> tirx.PrimExpr:
+    """``table[start + (x & 127)]`` for the 64 bytes ``x[0:64]``: ``vpermi2b`` of ``table[start:start + 128]``."""
+    halves = (table.vload([start], "int8x64"), table.vload([start + 64], "int8x64"))
+    return tirx.call_llvm_pure_intrin("int8x64", VPERMI2B, halves[0], x.vload([0], "int8x64"), halves[1])
+
+
+def _blockize_lanes(sch: s_tir.Schedule, name: str, lanes: int) -> str | None:
+    """Blockize ``lanes`` consecutive iterations of the last loop of block ``name``; the new block's name.
+
+    None, and ``sch`` unchanged, unless the loop's extent is a static
+    multiple of ``lanes``.  No tail: blockizing the head of a
+    ``loop_partition``-ed loop loses the outer loops' bindings in this TVM
+    (the block's regions then span every row, and ``tensorize`` fails).
+    """
+    loop = sch.get_loops(sch.get_sblock(name))[-1]
+    extent = sch.get(loop).extent
+    if not isinstance(extent, tirx.IntImm) or int(extent) % lanes or int(extent) == 0:
+        return None
+    _, inner = sch.split(loop, [None, lanes])
+    return sch.get(sch.blockize(inner)).name_hint
 
 
 def _schedule_rows(sch: s_tir.Schedule, output: str, stages: tuple[str, ...], rows_per_task: int):

@@ -6,6 +6,10 @@ compiled for AVX2 and run at two values of its symbolic dims, chosen so that
 the row count is not a multiple of a task and the last dim not a multiple of
 a vector; the output must equal onnxruntime's exactly on extremes, constant
 rows and saturating parameters.  The scheduled TIR must hold a parallel loop.
+ShiftGELU's table kernel also under its registered schedule for an
+AVX-512 VBMI target: the ``vpermi2b`` gather where the last axis allows it
+(checked in the TIR and the assembly on any host), run where the host has
+VBMI.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from intq.passes.schedules.rows import (
     schedule_layernorm,
     schedule_requantize,
     schedule_shiftgelu,
+    schedule_shiftgelu_kernel,
     schedule_shiftmax,
 )
 from intq.quantizer.ops.add import IntAdd
@@ -53,6 +58,9 @@ pytestmark = [
 ]
 
 AVX2 = {"kind": "llvm", "mcpu": "x86-64-v3"}
+VBMI = {"kind": "llvm", "mcpu": "znver4"}  # AVX-512 with VBMI (vpermi2b)
+D_2_20_SCALE = (1 + 1e-9) / (1.702 * 2**20)  # ShiftGELU's D = 2**20
+HOST_HAS_VBMI = "avx512vbmi" in (Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else "")
 I8, I16, I32 = np.iinfo(np.int8), np.iinfo(np.int16), np.iinfo(np.int32)
 
 
@@ -201,6 +209,72 @@ def test_shiftgelu_every_int8_value(scale_in, scale_out):
     rng = np.random.default_rng(0)
     feeds = [{"x": every.reshape(1, 1, 256)}, {"x": rows_of(np.stack([every, every[::-1]]), (3, 7, 256), rng, I8)}]
     assert_scheduled_equals_ort(model, schedule_shiftgelu, feeds)
+
+
+def test_shiftgelu_formula_kernel_params_as_buffers():
+    """The formula kernel (what D, m, s fed at run time leave) under the same schedule."""
+    model = symbolic(single_op_model(ShiftGELU(0.05, 0.03), [np.zeros((2, 3, 256), np.int8)]), {"x": {0: "b"}})
+    params = {t.name: int(onnx.numpy_helper.to_array(t)) for t in model.graph.initializer}
+    for name in params:
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, [1]))
+    del model.graph.initializer[:]
+    mod, func = scheduled(model, schedule_shiftgelu)
+    assert "lookup" not in func.script() and parallel_loops(func)
+    every = np.arange(I8.min, I8.max + 1, dtype=np.int8)
+    x = rows_of(np.stack([every, every[::-1]]), (2, 3, 256), np.random.default_rng(3), I8)
+    feeds = {"x": x, **{k: np.array([v], np.int64) for k, v in params.items()}}
+    (got,) = run(build(mod, AVX2), feeds)
+    np.testing.assert_array_equal(got, ort_run(model, feeds))
+
+
+def vbmi_scheduled(model: onnx.ModelProto, target: dict):
+    """The imported module with its ShiftGELU kernel scheduled by ``schedule_shiftgelu_kernel`` for ``target``."""
+    mod = import_onnx(model)
+    (gv,) = [gv for gv in mod.get_global_vars() if isinstance(mod[gv], compat.tirx.PrimFunc)]
+    func = schedule_shiftgelu_kernel(mod[gv], compat.make_target(target))
+    mod.update_func(gv, func)
+    return mod, func
+
+
+def shiftgelu_model(channels: int) -> onnx.ModelProto:
+    return symbolic(single_op_model(ShiftGELU(0.05, 0.03), [np.zeros((1, 197, channels), np.int8)]), {"x": {0: "b"}})
+
+
+@pytest.mark.parametrize(
+    ("channels", "target", "gathers"),
+    [(768, VBMI, 12), (192, VBMI, 3), (200, VBMI, 0), (768, AVX2, 0)],
+    ids=["768_vbmi", "192_vbmi", "200_not_a_multiple_of_64", "768_avx2"],
+)
+def test_shiftgelu_table_takes_vpermi2b_where_it_can(channels, target, gathers):
+    """The table kernel gathers by ``vpermi2b`` on a VBMI target when the last axis is a multiple of 64
+    (twice per 64 bytes); else it stays a loop of byte loads.  Compiles without running (any host)."""
+    _, func = vbmi_scheduled(shiftgelu_model(channels), target)
+    assert parallel_loops(func)
+    assert func.script().count("llvm.x86.avx512.vpermi2var.qi.512") == (2 if gathers else 0)
+    mod = compat.tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    asm = compat.build(mod, compat.make_target(target)).mod.inspect_source("asm")
+    found = len(re.findall(r"\bvperm[it]2b\b", asm))  # LLVM may unroll the 64-byte steps
+    assert found >= 2 if gathers else found == 0, found
+
+
+@pytest.mark.skipif(not HOST_HAS_VBMI, reason="this host has no AVX-512 VBMI to run vpermi2b on")
+@pytest.mark.parametrize(
+    ("scale_in", "scale_out"), [(0.05, 0.03), (D_2_20_SCALE, 1e-9)], ids=["typical", "D_2_20_saturating"]
+)
+def test_shiftgelu_table_vpermi2b_every_int8_value(scale_in, scale_out):
+    model = symbolic(
+        single_op_model(ShiftGELU(scale_in, scale_out), [np.zeros((2, 3, 256), np.int8)]), {"x": {0: "b", 1: "s"}}
+    )
+    mod, func = vbmi_scheduled(model, VBMI)
+    assert "vpermi2var" in func.script()
+    every = np.arange(I8.min, I8.max + 1, dtype=np.int8)
+    runnable = build(mod, VBMI)
+    for x in (
+        every.reshape(1, 1, 256),
+        rows_of(np.stack([every, every[::-1]]), (3, 7, 256), np.random.default_rng(4), I8),
+    ):
+        (got,) = run(runnable, {"x": x})
+        np.testing.assert_array_equal(got, ort_run(model, {"x": x}))
 
 
 @pytest.mark.parametrize(("ratio_a", "ratio_b"), [(1.0, 1.0), (np.linspace(-3.0, 0.7, 48), 0.5)])
