@@ -1,6 +1,6 @@
 """TVM lowering of ``intq.UnpackInt4``: 4-bit weights stored two per byte, unpacked at run time.
 
-    y.flat[i] = sext4((p[i >> 1] >> (4 * (i & 1))) & 15)         (int8, reshaped to ``shape``)
+    y.flat[i] = sext4((p[i // 2] >> (4 * (i % 2))) & 15)         (int8, reshaped to ``shape``)
     sext4(v)  = (v ^ 8) - 8                                       (the nibble as a two's complement int4)
 
 ``p``: uint8 ``[ceil(n / 2)]``, ``n`` the product of ``shape``: element ``i``
@@ -13,6 +13,13 @@ compiled module keeps the packed bytes and unpacks them when it runs.
 
 The kernel is one elementwise block ``unpack`` over the flat ``[n]``
 (reshaped to ``shape`` in Relax, a view); tagged ``intq.op = UnpackInt4``.
+It indexes with ``//`` and ``%`` (``i`` is never negative: the same as
+``>> 1`` and ``& 1``) because TVM's simplifier reasons about those: the CPU
+schedule (``schedules/unpack.py``) splits ``i = 2k + j`` and needs
+``p[(2k + j) // 2]`` to become ``p[k]``, one byte read for two elements.
+A GPU runs it as it is (``schedules``' generic CUDA fallback binds its loop
+to threads).
+
 TVM's ``FoldConstant`` evaluates any ``call_tir`` whose arguments are all
 constants, which would store the unpacked int8 weights instead: the packed
 constant is therefore bound through ``compat.opaque_constant``.  The conv
@@ -34,8 +41,8 @@ def unpack_int4_te(packed: te.Tensor, size: int) -> te.Tensor:
     """The ``size`` signed nibbles of ``packed`` (uint8), low nibble first, as int8 ``[size]``."""
 
     def body(i):
-        byte = packed[i >> 1].astype("int32")
-        nibble = (byte >> ((i & 1) * 4).astype("int32")) & 15
+        byte = packed[tirx.floordiv(i, 2)].astype("int32")
+        nibble = (byte >> (tirx.floormod(i, 2) * 4).astype("int32")) & 15
         return ((nibble ^ 8) - 8).astype("int8")
 
     return te.compute((tirx.IntImm("int64", size),), body, name="unpack")

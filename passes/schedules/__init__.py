@@ -116,6 +116,16 @@ def _register_row_and_attention_schedules() -> None:
 
 _register_row_and_attention_schedules()
 
+
+def _register_unpack_schedule() -> None:
+    # every LLVM CPU: a byte per iteration, vectorized by LLVM (see unpack.py); a GPU keeps the CUDA fallback
+    from intq.passes.schedules import unpack
+
+    SCHEDULES[UnpackInt4.op_type] = schedule_with(unpack.schedule_unpack_int4)
+
+
+_register_unpack_schedule()
+
 DEFAULT = "*"  # the registry key of the schedule for a kernel that no other entry takes (CUDA only)
 CUDA_SCHEDULES: dict[str, PrimFuncSchedule] = {}
 CUDA_CALL_REWRITES: dict[str, CallRewrite] = {}
