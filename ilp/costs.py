@@ -44,15 +44,29 @@ with the residual ``IntAdd`` that uses it, and an accumulator op with its
 requantize (``passes/pipeline.py``); the one-node kernel has no such
 epilogue, whose cost stays in the remainder below.
 
-Remainder and prediction.  ``layer_costs`` also times the whole 8-bit model
-(``measure_model_latency``); ``remainder_s = T_model(8) - sum_i latency_i[8]``
-is the time outside the weighted layers (quantize, pooling, attention,
-residual adds, movement) plus the per-call overhead of the one-node
-measurements (negative when that overhead is the larger).
-``predict_latency(costs, layer_bits) = remainder_s + sum_i latency_i[b_i]``,
-which equals ``T_model(8)`` at all-8 by construction; the remainder is taken
-to be the same at every width (its activations are int8 tensors at 4 bits
-too).
+Remainder and prediction.  ``layer_costs`` also times the whole models
+(``measure_model_latency``): ``T_8`` of ``qmodel_8bit`` and, when given,
+``T_4`` of ``qmodel_4bit``, whose widths ``a4`` are 4 for the layers timed
+on their own 4-bit instance and 8 for the synthetic ones.  The remainder is
+the time outside the weighted layers' kernels (quantize, pooling,
+attention, residual adds, movement, the requantize a 4-bit layer's output
+gets on its own) plus the per-call overhead of the one-node measurements
+(negative when that overhead is the larger).  Measured at two assignments:
+
+    r_8    = T_8 - sum_i latency_i[8]                         (``remainder_s``)
+    r(a4)  = T_4 - sum_i latency_i[a4_i]
+    w(a)   = sum_{i: a_i = 4} latency_i[8] / sum_j latency_j[8]   (the share of the layers' time at 4 bits)
+    r_4    = r_8 + (r(a4) - r_8) / w(a4)                      (``remainder_4_s``; r(a4) itself when a4 is all-4)
+
+and linear in ``w`` between them, the model ``ilp.table`` states and the
+ILP's latency budget uses (``ilp.table.remainder_shifts``):
+
+    predict_latency(a) = r_8 + (r_4 - r_8) * w(a) + sum_i latency_i[a_i]
+
+It equals ``T_8`` at all-8 and ``T_4`` at ``a4`` (all-4 when ``qmodel_4bit``
+is quantized with ``first_last_bits=4``) by construction.  Without ``T_4``
+(or when ``a4`` has no layer at 4 bits) ``r_4 = r_8``: the remainder is the
+same at every width.
 """
 
 from __future__ import annotations
@@ -69,6 +83,7 @@ import torch
 from onnx import helper
 from tqdm.auto import tqdm
 
+from intq.ilp.table import remainder_shifts
 from intq.ilp.timing import RemoteSpec, Runner, check_timing
 from intq.passes.pipeline import Compiled, compile_onnx
 from intq.passes.targets import resolve_target
@@ -259,7 +274,8 @@ class CostTable(Mapping):
 
     model_latency_s: the whole model's median seconds, by the width its quantized model was given at
         (8: ``qmodel_8bit``; 4: ``qmodel_4bit``), when measured.
-    remainder_s: ``model_latency_s[8]`` minus the sum of the 8-bit layer latencies (module docstring).
+    remainder_s: ``r_8``, ``model_latency_s[8]`` minus the sum of the 8-bit layer latencies (module docstring);
+        ``remainder_4_s`` and ``remainders`` derive ``r_4`` from ``model_latency_s[4]``.
     """
 
     costs: Mapping[str, Mapping[int, Cost]]
@@ -278,6 +294,28 @@ class CostTable(Mapping):
     def __len__(self) -> int:
         return len(self.costs)
 
+    @property
+    def remainder_4_s(self) -> float | None:
+        """``r_4`` (module docstring), or None without ``model_latency_s[4]``, ``remainder_s`` or a 4-bit layer."""
+        t4 = self.model_latency_s.get(4)
+        latency = self.latency()
+        if t4 is None or self.remainder_s is None or any(set(per) != {4, 8} for per in latency.values()):
+            return None
+        at4 = [n for n, per in self.items() if not per[4].synthetic]  # a4: at 4 bits in qmodel_4bit
+        share = math.fsum(latency[n][8] for n in at4) / math.fsum(per[8] for per in latency.values())
+        if not share > 0:
+            return None
+        r_a4 = t4 - math.fsum(per[4 if n in at4 else 8] for n, per in latency.items())
+        return self.remainder_s + (r_a4 - self.remainder_s) / share
+
+    @property
+    def remainders(self) -> dict[int, float] | None:
+        """``{8: r_8, 4: r_4}`` (4 only when known), the ``remainder_s`` of ``ilp.table.Table``; None untimed."""
+        if self.remainder_s is None:
+            return None
+        r4 = self.remainder_4_s
+        return {8: self.remainder_s} if r4 is None else {8: self.remainder_s, 4: r4}
+
     def latency(self) -> dict[str, dict[int, float]]:
         """``{layer: {bits: seconds}}``, the ``latency`` argument of ``ilp.table.Table.from_sensitivity``."""
         return {n: {b: c.latency_s for b, c in per.items() if c.latency_s is not None} for n, per in self.items()}
@@ -288,6 +326,7 @@ class CostTable(Mapping):
             "remote": self.remote,
             "model_latency_s": {str(b): v for b, v in self.model_latency_s.items()},
             "remainder_s": self.remainder_s,
+            "remainder_4_s": self.remainder_4_s,  # derived (from_dict recomputes it)
             "input_shapes": {n: list(s) for n, s in self.input_shapes.items()},
             "layers": {n: {str(b): dataclasses.asdict(c) for b, c in per.items()} for n, per in self.items()},
         }
@@ -468,9 +507,10 @@ def layer_costs(
 def predict_latency(
     costs: Mapping[str, Mapping[int, Cost]], layer_bits: Mapping[str, int], remainder_s: float | None = None
 ) -> float:
-    """``remainder_s + sum_i latency_i[layer_bits[i]]`` in seconds (see the module docstring).
+    """``r_8 + (r_4 - r_8) * w(a) + sum_i latency_i[layer_bits[i]]`` in seconds (see the module docstring).
 
-    ``remainder_s``: defaults to ``costs.remainder_s`` (a ``CostTable`` measured with ``measure_model``).
+    ``remainder_s``: ``r_8``, by default ``costs.remainder_s`` (a ``CostTable`` measured with ``measure_model``);
+    the slope ``r_4 - r_8`` is the table's (0 for a plain mapping or without ``model_latency_s[4]``).
     """
     if remainder_s is None:
         remainder_s = getattr(costs, "remainder_s", None)
@@ -491,4 +531,7 @@ def predict_latency(
         if b not in per or per[b].latency_s is None:
             raise ValueError(f"Layer {name!r} has no measured latency at {b} bits (it has {sorted(per)}).")
         total.append(per[b].latency_s)
+    latency = {n: {b: c.latency_s for b, c in per.items()} for n, per in costs.items()}
+    shifts = remainder_shifts(latency, getattr(costs, "remainders", None), 8)
+    total += [shifts[name].get(int(layer_bits[name]), 0.0) for name in costs]
     return math.fsum(total)

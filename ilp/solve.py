@@ -11,6 +11,12 @@ binary variables ``x[i,b]`` (named ``bits_<layer>_<b>``) choose one width each:
 
 ``kind`` is ``size``, ``bops`` or ``latency``, in any combination; ``beta`` is a
 fraction of ``C_kind = sum_i c_kind[i, 8]``, the all-INT8 (widest width) cost.
+``c_kind[i,b]`` is ``Table.cost(kind, i, b)``: the row's size or BOPs, and for
+latency the layer's kernel time plus its share of the change of the time
+outside the kernels at that width (``ilp.table``, "The remainder"), so that
+``sum_i c_latency[i, b_i]`` is the predicted model time less its all-INT8
+remainder, linear in the binaries; ``C_latency`` is the layers' all-INT8
+kernel time, where every share is 0.
 Dividing the objective by its largest coefficient ``Omega_max`` (and each
 budget row by ``C_kind``) keeps the numbers near 1 for CBC's absolute
 tolerances; the argmin is unchanged.
@@ -131,7 +137,9 @@ def build_problem(
     else:
         ref = _reference(table, objective)
         lp += (
-            pulp.lpSum(r.cost(objective, b) / ref * choice[r.name][b] for r in table.layers for b in table.bits),
+            pulp.lpSum(
+                table.cost(objective, r.name, b) / ref * choice[r.name][b] for r in table.layers for b in table.bits
+            ),
             f"cost_{objective}",
         )
     for r in table.layers:
@@ -145,7 +153,9 @@ def build_problem(
                 lp += (choice[name][b] == choice[first][b], f"tie_{ident[first]}_{ident[name]}_{b}")
     for kind, frac in budget.requested().items():
         ref = _reference(table, kind)
-        row = pulp.lpSum(r.cost(kind, b) / ref * choice[r.name][b] for r in table.layers for b in table.bits)
+        row = pulp.lpSum(
+            table.cost(kind, r.name, b) / ref * choice[r.name][b] for r in table.layers for b in table.bits
+        )
         lp += (row <= frac, f"budget_{kind}")
     return IlpProblem(lp, choice)
 
@@ -164,7 +174,7 @@ def minimum_fraction(table: Table, kind: str) -> float:
     for group in table.groups():
         pinned = {pins[n] for n in group if n in pins}
         allowed = sorted(pinned) if pinned else table.bits
-        total += min(math.fsum(table.row(n).cost(kind, b) for n in group) for b in allowed)
+        total += min(math.fsum(table.cost(kind, n, b) for n in group) for b in allowed)
     return total / _reference(table, kind)
 
 

@@ -25,11 +25,38 @@ packed weights alone, ``ceil(params * b / 8)`` (a sensitivity record does
 not know the output channels, so the bias is left out: budgets on such a
 table are fractions of the all-INT8 *weight* bytes).  Nothing here imports
 torch.
+
+The remainder.  A whole model's time is not the sum of its layers' kernels:
+``r(a)``, the time outside them under the width assignment ``a``
+(``ilp.costs``: quantize, attention, residual adds, the requantize a 4-bit
+layer's output gets on its own, ...), is measured at two assignments, all
+layers at the widest width ``R`` (8) and the widths of the narrow model
+timed whole (every layer at 4 when it was quantized so):
+``remainder_s = {R: r(all-R), b: r(all-b)}``.  Between them it is taken to
+be linear in the share of the layers' time that runs narrow, each layer's
+share being its own kernel time at ``R``:
+
+    s_i    = latency_i[R] / sum_j latency_j[R]
+    r(a)   = r[R] + sum_b (r[b] - r[R]) * sum_{i: a_i = b} s_i
+    T(a)   = r(a) + sum_i latency_i[a_i]  = r[R] + sum_i (latency_i[a_i] + shift_i[a_i])
+    shift_i[b] = s_i * (r[b] - r[R])     (0 at R, and at a width whose remainder is unknown)
+
+``T`` is then exactly the measured model time at all-``R`` and at all-``b``.
+Weighting by ``latency_i[R]`` rather than by layer count: the work the
+narrow model adds outside the kernels (a requantize per layer output,
+moving its activations) grows with the layer, as its kernel time does; the
+weights must not depend on ``a`` for ``r`` to stay linear in the ILP's
+binaries.  ``Table.cost("latency", layer, b)`` is ``latency_i[b] +
+shift_i[b]``: the ILP's latency budget constrains ``T(a) - r[R]``, as a
+fraction of its all-``R`` value ``sum_i latency_i[R]`` (the weighted
+layers' INT8 time).  Without ``remainder_s`` (or with ``r[R]`` alone) the
+shifts are 0: the remainder is the same at every width.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -59,6 +86,35 @@ def _per_bits(values: Mapping | None, bits: Sequence[int], what: str, layer: str
     return {b: out[b] for b in bits}
 
 
+def remainder_shifts(
+    latency: Mapping[str, Mapping[int, float]], remainder_s: Mapping[int, float] | None, reference: int
+) -> dict[str, dict[int, float]]:
+    """``{layer: {b: shift_i[b]}}`` for each width ``b`` of ``remainder_s`` (module docstring, "The remainder").
+
+    ``latency``: every layer's latency by width (``latency[i][reference]`` is its weight); ``remainder_s``:
+    the remainder at all-``b`` for the widths measured, the reference width's included.  Every shift is 0
+    when ``remainder_s`` is None or gives the reference width alone.
+    """
+    narrow = {b: r for b, r in (remainder_s or {}).items() if b != reference}
+    if not narrow:
+        return {name: {} for name in latency}
+    if reference not in remainder_s:
+        raise ValueError(
+            f"ILP remainder: the remainder at {sorted(narrow)} bits needs the all-{reference}-bit one too, as the "
+            f"anchor of the interpolation; got widths {sorted(remainder_s)}."
+        )
+    ref = math.fsum(per[reference] for per in latency.values())
+    if not ref > 0:
+        raise ValueError(
+            f"ILP remainder: the layers' all-{reference}-bit latency is {ref}; it weighs each layer's share of the "
+            "remainder and must be positive."
+        )
+    return {
+        name: {b: per[reference] / ref * (r - remainder_s[reference]) for b, r in narrow.items()}
+        for name, per in latency.items()
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerRow:
     """One weighted layer (see the module docstring)."""
@@ -86,12 +142,14 @@ class LayerRow:
 
 @dataclasses.dataclass(frozen=True)
 class Table:
-    """The rows in graph order, the candidate widths, ties and pins (see the module docstring)."""
+    """The rows in graph order, the candidate widths, ties, pins and the measured remainders (module docstring)."""
 
     layers: tuple[LayerRow, ...]
     bits: tuple[int, ...] = (4, 8)
     ties: tuple[tuple[str, ...], ...] = ()
     pins: Mapping[str, int] | None = None
+    #: seconds outside the layers' kernels with every layer at a width, by width (module docstring)
+    remainder_s: Mapping[int, float] | None = None
 
     def __post_init__(self):
         bits = tuple(sorted({int(b) for b in self.bits}))
@@ -141,6 +199,20 @@ class Table:
             if bad:
                 raise ValueError(f"ILP table: pins {bad} use widths outside the candidates {list(bits)}.")
             object.__setattr__(self, "pins", pins)
+        if self.remainder_s is not None:
+            remainder = {int(b): float(v) for b, v in self.remainder_s.items()}
+            bad = {b: v for b, v in remainder.items() if b not in bits or not math.isfinite(v)}
+            if bad:
+                raise ValueError(
+                    f"ILP table: remainder_s {bad}: give finite seconds for candidate widths {list(bits)} only."
+                )
+            untimed = [r.name for r in rows if r.latency is None]
+            if untimed and set(remainder) - {bits[-1]}:
+                raise ValueError(
+                    f"ILP table: layers {untimed} have no latency, which weighs their share of the remainder; "
+                    "measure every layer's latency or drop remainder_s."
+                )
+            object.__setattr__(self, "remainder_s", remainder)
         resolved = self.resolved_pins()
         for group in self.groups():
             pinned = {n: resolved[n] for n in group if n in resolved}
@@ -149,6 +221,9 @@ class Table:
                     f"ILP table: layers {list(group)} are tied to one width but pinned to different widths "
                     f"{pinned}; drop a pin or the tie."
                 )
+        # each layer's remainder shift by width, not a field (derived); an unusable remainder_s fails here
+        latency = {r.name: r.latency for r in rows}
+        object.__setattr__(self, "_shifts", remainder_shifts(latency, self.remainder_s, self.reference_bits))
 
     # ------------------------------------------------------------ derived
     @property
@@ -157,10 +232,14 @@ class Table:
         return self.bits[-1]
 
     def row(self, name: str) -> LayerRow:
-        for r in self.layers:
-            if r.name == name:
-                return r
-        raise KeyError(f"ILP table: no layer {name!r}")
+        found = self._rows.get(name)
+        if found is None:
+            raise KeyError(f"ILP table: no layer {name!r}")
+        return found
+
+    @functools.cached_property
+    def _rows(self) -> dict[str, LayerRow]:
+        return {r.name: r for r in self.layers}
 
     def resolved_pins(self) -> dict[str, int]:
         if self.pins is not None:
@@ -186,9 +265,24 @@ class Table:
             out.setdefault(find(r.name), []).append(r.name)
         return [tuple(g) for g in out.values()]
 
+    def cost(self, kind: str, name: str, bits: int) -> float:
+        """Layer ``name``'s ``kind`` cost at ``bits`` as the ILP counts it: its row's, and for latency plus its
+        share of the remainder's change at that width (``shift``, module docstring)."""
+        cost = self.row(name).cost(kind, bits)
+        return cost + self._shifts[name].get(bits, 0.0) if kind == "latency" else cost
+
     def total(self, kind: str, assignment: Mapping[str, int]) -> float:
-        """The cost of ``kind`` (size, bops, latency) of a per-layer width assignment."""
-        return math.fsum(r.cost(kind, assignment[r.name]) for r in self.layers)
+        """The cost of ``kind`` (size, bops, latency) of a per-layer width assignment (``cost`` summed)."""
+        return math.fsum(self.cost(kind, r.name, assignment[r.name]) for r in self.layers)
+
+    def predicted_latency(self, assignment: Mapping[str, int]) -> float:
+        """``T(a)``, the whole model's predicted seconds (module docstring); needs the reference remainder."""
+        if self.remainder_s is None or self.reference_bits not in self.remainder_s:
+            raise ValueError(
+                "ILP table: no remainder_s for the reference width; build the table from a cost table measured "
+                "with the whole model (ilp.costs.layer_costs(..., measure_model=True))."
+            )
+        return self.remainder_s[self.reference_bits] + self.total("latency", assignment)
 
     def reference_cost(self, kind: str) -> float:
         return self.total(kind, {r.name: self.reference_bits for r in self.layers})
@@ -206,12 +300,15 @@ class Table:
         ties: Sequence[Sequence[str]] = (),
         pins: Mapping[str, int] | None = None,
         costs: Mapping[str, Mapping[int, object]] | None = None,
+        remainder_s: Mapping[int, float] | None = None,
     ) -> Table:
         """Rows from sensitivity records (``LayerSensitivity`` objects or their ``to_dict()``), in order.
 
         costs: ``{layer: {bits: cost}}`` (an ``ilp.costs.CostTable``): the size, BOPs and latency columns
             (see the module docstring); it must cost exactly the records' layers, with the records' MACs.
+            A ``CostTable`` also gives ``remainder_s`` (its ``remainders``) unless one is passed.
         latency: ``{layer: {bits: seconds}}``, when no ``costs`` are given.
+        remainder_s: the remainder at all-``b`` by width ``b`` (module docstring).
 
         A negative trace estimate is set to 0: the Gauss-Newton (KL) Hessian is
         positive semi-definite, so a negative estimate is sampling noise.
@@ -255,7 +352,9 @@ class Table:
                     latency=lat,
                 )
             )
-        return cls(tuple(rows), tuple(bits), tuple(tuple(g) for g in ties), pins)
+        if remainder_s is None and costs is not None:
+            remainder_s = getattr(costs, "remainders", None)
+        return cls(tuple(rows), tuple(bits), tuple(tuple(g) for g in ties), pins, remainder_s)
 
     def to_dict(self) -> dict:
         def col(m):
@@ -265,6 +364,7 @@ class Table:
             "bits": list(self.bits),
             "ties": [list(g) for g in self.ties],
             "pins": self.pins,
+            "remainder_s": col(self.remainder_s),
             "layers": [
                 {
                     "name": r.name,
@@ -283,7 +383,8 @@ class Table:
     def from_dict(cls, d: Mapping) -> Table:
         try:
             rows = tuple(LayerRow(**row) for row in d["layers"])
-            return cls(rows, tuple(d.get("bits", (4, 8))), tuple(tuple(g) for g in d.get("ties", ())), d.get("pins"))
+            ties = tuple(tuple(g) for g in d.get("ties", ()))
+            return cls(rows, tuple(d.get("bits", (4, 8))), ties, d.get("pins"), d.get("remainder_s"))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"ILP table JSON is malformed ({type(exc).__name__}: {exc}).") from exc
 

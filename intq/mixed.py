@@ -15,9 +15,10 @@ chosen widths (``QuantConfig(bits=8, layer_bits=...)``):
    outputs, and ``||W - Q_b(W)||^2`` for b = 4, 8;
 3. costs (``ilp.costs.layer_costs``): size and BOPs per layer and width, and
    each layer's integer kernel timed on ``target`` (in this process, or on a
-   device behind an RPC tracker with ``remote``), plus the whole 8-bit model
-   (the remainder that ``predict_latency`` adds); without a latency budget on
-   a target that cannot be timed, size and BOPs only;
+   device behind an RPC tracker with ``remote``), plus the whole 8- and 4-bit
+   models (the remainders that ``predict_latency`` interpolates between);
+   without a latency budget on a target that cannot be timed, size and BOPs
+   only;
 4. ties (``quantizer.layer_widths.shared_input_groups``): layers whose input
    activation's width the converter decides together.  The converter gives a
    shared activation its widest reader's width, so the integers are right
@@ -32,8 +33,10 @@ chosen widths (``QuantConfig(bits=8, layer_bits=...)``):
    within the budget.  Budgets are fractions of the all-INT8 cost of the
    weighted layers: ``size`` of their weights and biases, ``bops`` of their
    multiply-accumulates, ``latency`` of the sum of their measured kernels
-   (the time outside them is the same at every width and is not part of the
-   fraction).  An infeasible budget raises ``InfeasibleBudgetError`` naming
+   (a 4-bit layer also counts its share of how the time outside the kernels
+   changes at 4 bits, ``ilp.table``'s remainder model, the one
+   ``predict_latency`` uses; the all-INT8 time outside them is not part of
+   the fraction).  An infeasible budget raises ``InfeasibleBudgetError`` naming
    the smallest feasible one.
 
 ``analyze`` does steps 1-5 once; ``plan_from(analysis, budget)`` solves and
@@ -154,6 +157,7 @@ class MixedPlan:
                 else self.predicted_latency_s / measured_latency_s - 1,
                 "all_int8_measured_s": all8,
                 "remainder_s": self.costs.remainder_s,
+                "remainder_4_s": self.costs.remainder_4_s,  # None: taken to be remainder_s at every width
             },
             "layers": rows,
         }

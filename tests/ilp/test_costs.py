@@ -180,11 +180,16 @@ def test_latency_measured_for_every_layer_and_width(cnn_table, cnn):
     assert set(cnn_table.model_latency_s) == {8, 4}
     assert all(math.isfinite(t) and t > 0 for t in cnn_table.model_latency_s.values())
     assert cnn_table.input_shapes == {"conv1": (4, 3, 6, 6), "conv2": (4, 3, 6, 6), "fc": (4, 180)}
-    # the remainder closes the all-8 prediction onto the measured 8-bit model
+    # the remainders close the prediction onto the measured models: all-8, and q4's own widths (conv2 at 4)
     all8 = C.predict_latency(cnn_table, {n: 8 for n in cnn_table})
     assert all8 == pytest.approx(cnn_table.model_latency_s[8], rel=1e-12)
     mixed = C.predict_latency(cnn_table, C.model_layer_bits(q4))
-    assert mixed == pytest.approx(all8 - cnn_table["conv2"][8].latency_s + cnn_table["conv2"][4].latency_s, rel=1e-12)
+    assert mixed == pytest.approx(cnn_table.model_latency_s[4], rel=1e-9)
+    lat = cnn_table.latency()
+    share = lat["conv2"][8] / math.fsum(per[8] for per in lat.values())  # conv2's part of the layers' 8-bit time
+    r_q4 = cnn_table.model_latency_s[4] - lat["conv1"][8] - lat["conv2"][4] - lat["fc"][8]
+    r4 = cnn_table.remainder_s + (r_q4 - cnn_table.remainder_s) / share  # extrapolated to all layers at 4
+    assert cnn_table.remainder_4_s == pytest.approx(r4, rel=1e-9, abs=1e-12)
     print(
         f"\ncnn (x86): measured 8-bit {cnn_table.model_latency_s[8] * 1e6:.1f} us, 4/8-bit "
         f"{cnn_table.model_latency_s[4] * 1e6:.1f} us (predicted {mixed * 1e6:.1f} us), "
@@ -204,6 +209,62 @@ def test_predict_latency_refuses_incomplete_input(cnn_table):
     assert C.predict_latency(dict(cnn_table.items()), {n: 8 for n in cnn_table}, remainder_s=0.0) == pytest.approx(
         math.fsum(per[8].latency_s for per in cnn_table.values())
     )
+
+
+def hand_costs(t4: float | None, synthetic4: tuple[str, ...] = ()) -> C.CostTable:
+    """Kernel times a: 1/0.5, b: 2/1.5, c: 1/0.5 s at 8/4 bits; the whole 8-bit model 10 s (r_8 = 10 - 4 = 6)."""
+    lat = {"a": (1.0, 0.5), "b": (2.0, 1.5), "c": (1.0, 0.5)}
+    costs = {
+        n: {8: C.Cost(10, 640, l8), 4: C.Cost(5, 160, l4, synthetic=n in synthetic4)} for n, (l8, l4) in lat.items()
+    }
+    model = {8: 10.0} if t4 is None else {8: 10.0, 4: t4}
+    return C.CostTable(costs=costs, target="x86", model_latency_s=model, remainder_s=6.0)
+
+
+def test_remainder_interpolates_between_the_two_measured_models():
+    # the 4-bit model (every layer at 4) ran 9 s: r_4 = 9 - (0.5 + 1.5 + 0.5) = 6.5; 8-bit shares a 1/4, b 1/2, c 1/4
+    table = hand_costs(9.0)
+    assert table.remainder_4_s == pytest.approx(6.5) and table.remainders == pytest.approx({8: 6.0, 4: 6.5})
+    assert C.predict_latency(table, {"a": 8, "b": 8, "c": 8}) == pytest.approx(10.0)  # T_8
+    assert C.predict_latency(table, {"a": 4, "b": 4, "c": 4}) == pytest.approx(9.0)  # T_4
+    # a alone at 4: r = 6 + 0.5 * 1/4 = 6.125, kernels 0.5 + 2 + 1 = 3.5
+    assert C.predict_latency(table, {"a": 4, "b": 8, "c": 8}) == pytest.approx(9.625)
+    # b alone at 4: r = 6 + 0.5 * 1/2 = 6.25, kernels 1 + 1.5 + 1 = 3.5
+    assert C.predict_latency(table, {"a": 8, "b": 4, "c": 8}) == pytest.approx(9.75)
+    # an explicit r_8 replaces the table's; the slope r_4 - r_8 = 0.5 stays the table's
+    assert C.predict_latency(table, {"a": 4, "b": 8, "c": 8}, remainder_s=0.0) == pytest.approx(3.625)
+    assert C.CostTable.from_json(table.to_json()) == table and table.to_dict()["remainder_4_s"] == pytest.approx(6.5)
+
+
+def test_remainder_from_a_4bit_model_with_8bit_layers():
+    # a and c at 8 in the 4-bit model (synthetic 4-bit costs), b at 4: its kernels 1 + 1.5 + 1 = 3.5 s, model 9.25 s
+    # -> r(a4) = 5.75 at b's share 1/2; the line through (0, 6) and (1/2, 5.75) gives r_4 = 5.5 at share 1
+    table = hand_costs(9.25, synthetic4=("a", "c"))
+    assert table.remainder_4_s == pytest.approx(5.5)
+    assert C.predict_latency(table, {"a": 8, "b": 4, "c": 8}) == pytest.approx(9.25)  # the measured 4-bit model
+    assert C.predict_latency(table, {"a": 4, "b": 4, "c": 4}) == pytest.approx(5.5 + 2.5)
+
+
+def test_remainder_is_constant_without_a_4bit_model_time():
+    for table in (hand_costs(None), hand_costs(9.0, synthetic4=("a", "b", "c"))):  # untimed; no layer at 4 in it
+        assert table.remainder_4_s is None and table.remainders == {8: 6.0}
+        assert C.predict_latency(table, {"a": 4, "b": 8, "c": 8}) == pytest.approx(6.0 + 3.5)
+
+
+def test_ilp_table_takes_the_remainders_and_predicts_as_predict_latency():
+    from intq.ilp.table import Table
+
+    records = [{"name": n, "params": 10, "macs": 10, "trace": 1.0, "delta_w": {"4": 1.0, "8": 0.1}} for n in "abc"]
+    costs = hand_costs(9.0)
+    table = Table.from_sensitivity(records, costs=costs)
+    assert table.remainder_s == pytest.approx({8: 6.0, 4: 6.5})
+    # the ILP's 4-bit latency cost: kernel + share * (r_4 - r_8): a 0.5 + 0.125, b 1.5 + 0.25
+    assert table.cost("latency", "a", 4) == pytest.approx(0.625) and table.cost("latency", "b", 4) == pytest.approx(
+        1.75
+    )
+    assert table.cost("latency", "b", 8) == 2.0 and table.cost("size", "b", 4) == 5
+    for bits in ({"a": 4, "b": 8, "c": 8}, {"a": 8, "b": 4, "c": 4}, dict.fromkeys("abc", 4)):
+        assert table.predicted_latency(bits) == pytest.approx(C.predict_latency(costs, bits), rel=1e-12)
 
 
 def test_layer_costs_refuses_a_mixed_model_as_the_8bit_one(cnn):

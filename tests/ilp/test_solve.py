@@ -38,8 +38,12 @@ def make_table(seed: int, n: int = 7, ties=(), pins=None) -> Table:
     return Table(tuple(rows), ties=ties, pins=pins)
 
 
-def brute_force(table: Table, budget: dict, pins: dict | None = None):
-    """Every assignment, checked directly on the rows: the optimum (objective, assignment) or None."""
+def brute_force(table: Table, budget: dict, pins: dict | None = None, remainder: dict | None = None):
+    """Every assignment, checked directly on the rows: the optimum (objective, assignment) or None.
+
+    ``remainder``: ``{8: r8, 4: r4}``, the time outside the layers at all-8 and all-4; the latency budget then
+    holds the predicted model time less r8, ``r8 + (r4 - r8) * (8-bit latency share at 4 bits) + kernels``.
+    """
     rows = table.layers
     if pins is None:
         pins = {rows[0].name: 8, rows[-1].name: 8}
@@ -52,10 +56,11 @@ def brute_force(table: Table, budget: dict, pins: dict | None = None):
             continue
         if any(len({a[n] for n in g}) > 1 for g in table.ties):
             continue
-        if any(
-            sum(getattr(r, columns[k])[a[r.name]] for r in rows) > frac * ref[k] * (1 + 1e-12)
-            for k, frac in budget.items()
-        ):
+        total = {k: sum(getattr(r, columns[k])[a[r.name]] for r in rows) for k in budget}
+        if remainder is not None and "latency" in total:
+            share = sum(r.latency[8] for r in rows if a[r.name] == 4) / sum(r.latency[8] for r in rows)
+            total["latency"] += (remainder[4] - remainder[8]) * share
+        if any(total[k] > frac * ref[k] * (1 + 1e-12) for k, frac in budget.items()):
             continue
         obj = sum(r.sensitivity * r.delta_w[a[r.name]] for r in rows)
         if best is None or obj < best[0]:
@@ -128,6 +133,43 @@ def test_hand_checked_table():
     assert solve(table, {"size": 0.75}) == {"a": 4, "b": 8, "c": 4}
     assert solve(table, {"size": 0.5}) == {"a": 4, "b": 4, "c": 4}
     assert solve(table, None) == {"a": 8, "b": 8, "c": 8}
+
+
+# tables and budgets where the remainder's change moves the optimum (the test asserts it does)
+@pytest.mark.parametrize(
+    ("seed", "change", "latency"), [(10, 1e-3, 0.95), (13, -1e-3, 0.8), (14, -4e-4, 0.85), (11, -4e-4, 0.9)]
+)
+def test_latency_budget_counts_the_remainder_change(seed, change, latency):
+    """The time outside the kernels longer (shorter) at all-4 than at all-8: the ILP's optimum is the enumeration's
+    with each assignment's remainder interpolated by its share of the 8-bit layer time at 4 bits."""
+    base = make_table(seed)
+    remainder = {8: 2e-3, 4: 2e-3 + change}
+    table = Table(base.layers, remainder_s=remainder)
+    budget = {"latency": latency}
+    expect = brute_force(table, budget, remainder=remainder)
+    got = solve(table, budget)
+    assert got == expect[1]
+    plain = brute_force(base, budget)  # the constant remainder: a different optimum on these tables
+    assert plain is not None and plain[1] != got, "the remainder's change does not move this optimum"
+
+
+def test_hand_checked_remainder_change():
+    """Kernels 1 s at 8 bits, 0.6 s at 4, in both layers; sensitivities 1 (a) and 3 (b).  With the time outside the
+    kernels the same at every width a latency budget of 0.8 is met by a alone at 4 (1.6 s of 2).  With it 0.4 s
+    longer at all-4, a alone at 4 costs 0.6 + 0.4 / 2 = 0.8 s (0.9 of 2), so both go to 4 bits (1.6 of 2)."""
+
+    def row(name, s):
+        return LayerRow(name, 100, s, {4: 2.0, 8: 1.0}, {4: 50, 8: 100}, {4: 1, 8: 4}, {4: 0.6, 8: 1.0})
+
+    rows = (row("a", 1.0), row("b", 3.0))
+    assert solve(Table(rows, pins={}), {"latency": 0.8}) == {"a": 4, "b": 8}
+    table = Table(rows, pins={}, remainder_s={8: 1.0, 4: 1.4})
+    assert solve(table, {"latency": 0.8}) == {"a": 4, "b": 4}
+    assert table.predicted_latency({"a": 4, "b": 4}) == pytest.approx(2.6)  # 1.4 + 0.6 + 0.6
+    with pytest.raises(InfeasibleBudgetError, match=r"latency: the smallest feasible budget is 0\.8000") as info:
+        solve(table, {"latency": 0.7})
+    assert info.value.minimum == {"latency": pytest.approx(0.8)}
+    assert "budget_latency" in compat.constraint_names(build_problem(table, {"latency": 0.8}).lp)
 
 
 def test_infeasible_budget_names_the_minimum(tmp_path):

@@ -93,3 +93,42 @@ def test_from_sensitivity_takes_the_cost_tables_columns():
         Table.from_sensitivity(records, costs=wrong)
     with pytest.raises(ValueError, match="not both"):
         Table.from_sensitivity(records, latency={"conv": {4: 1.0, 8: 1.0}}, costs=costs)
+
+
+def timed(name, l8, l4):
+    return LayerRow(name, 10, 1.0, {4: 2.0, 8: 1.0}, {4: 5, 8: 10}, {4: 16, 8: 64}, {4: l4, 8: l8})
+
+
+def test_remainder_shifts_the_4bit_latency_costs():
+    """Kernels a 1/0.5 s, b 3/2 s at 8/4 bits; the time outside them 10 s at all-8, 14 s at all-4 (4 more): a holds
+    1/4 of the layers' 8-bit time, so its 4-bit cost gains 1 s, b's 3 s."""
+    table = Table((timed("a", 1.0, 0.5), timed("b", 3.0, 2.0)), remainder_s={8: 10.0, 4: 14.0})
+    assert table.cost("latency", "a", 4) == pytest.approx(1.5) and table.cost("latency", "b", 4) == pytest.approx(5.0)
+    assert table.cost("latency", "a", 8) == 1.0 and table.cost("size", "a", 4) == 5  # shifts: latency at 4 only
+    assert table.reference_cost("latency") == pytest.approx(4.0)
+    assert table.predicted_latency({"a": 8, "b": 8}) == pytest.approx(14.0)  # 10 + 1 + 3, the 8-bit model
+    assert table.predicted_latency({"a": 4, "b": 4}) == pytest.approx(16.5)  # 14 + 0.5 + 2, the 4-bit model
+    assert table.predicted_latency({"a": 4, "b": 8}) == pytest.approx(14.5)  # 10 + 4/4 + 0.5 + 3
+    assert Table.from_json(table.to_json()) == table
+    constant = Table(table.layers, remainder_s={8: 10.0})  # no 4-bit model time: the same remainder at 4
+    assert constant.cost("latency", "b", 4) == 2.0 and constant.predicted_latency({"a": 4, "b": 4}) == 12.5
+
+
+@pytest.mark.parametrize(
+    "remainder, layers, message",
+    [
+        ({4: 1.0}, None, r"remainder at \[4\] bits needs the all-8-bit one too"),
+        ({8: 1.0, 2: 1.0}, None, r"remainder_s \{2: 1\.0\}: give finite seconds for candidate widths \[4, 8\]"),
+        ({8: 1.0, 4: float("nan")}, None, r"remainder_s \{4: nan\}"),
+        ({8: 1.0, 4: 2.0}, (timed("a", 1.0, 0.5), row("b", latency=False)), r"layers \['b'\] have no latency"),
+        ({8: 1.0, 4: 2.0}, (timed("a", 0.0, 0.5), timed("b", 0.0, 0.5)), r"all-8-bit latency is 0\.0"),
+    ],
+)
+def test_remainder_validation(remainder, layers, message):
+    with pytest.raises(ValueError, match=message):
+        Table(layers or (timed("a", 1.0, 0.5), timed("b", 3.0, 2.0)), remainder_s=remainder)
+
+
+def test_predicted_latency_needs_the_reference_remainder():
+    with pytest.raises(ValueError, match=r"no remainder_s for the reference width"):
+        Table((timed("a", 1.0, 0.5),)).predicted_latency({"a": 8})

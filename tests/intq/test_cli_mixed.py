@@ -112,15 +112,21 @@ def test_latency_and_size_budget_on_x86(files, tmp_path):
     size = sum(rows[n]["size_bytes"][str(b)] for n, b in bits.items()) / sum(
         r["size_bytes"]["8"] for r in rows.values()
     )
-    latency = sum(rows[n]["latency_s"][str(b)] for n, b in bits.items())
-    assert size <= 0.8 and latency <= 1.5 * sum(r["latency_s"]["8"] for r in rows.values())
+    lat = mixed["latency"]
+    # the latency budget's cost: the chosen kernels, and the time outside them moved from its all-8 value towards
+    # its all-4 value by the 4-bit layers' share of the layers' 8-bit time
+    all8 = sum(r["latency_s"]["8"] for r in rows.values())
+    share4 = sum(rows[n]["latency_s"]["8"] for n, b in bits.items() if b == 4) / all8
+    latency = sum(rows[n]["latency_s"][str(b)] for n, b in bits.items()) + share4 * (
+        lat["remainder_4_s"] - lat["remainder_s"]
+    )
+    assert size <= 0.8 and latency <= 1.5 * all8
     for r in rows.values():
         assert r["bits"] == bits[r["layer"]] and r["trace_per_param"] >= 0 and r["delta_w"]["4"] > r["delta_w"]["8"]
         assert r["size_bytes"]["4"] < r["size_bytes"]["8"] and r["bops"]["4"] * 4 == r["bops"]["8"]
         assert r["latency_s"]["4"] > 0 and r["latency_s"]["8"] > 0
         if r["bits"] == 4:
             assert r["input_range"] in ([-8, 7], [0, 15])
-    lat = mixed["latency"]
     assert lat["predicted_s"] > 0 and lat["measured_s"] > 0
     assert lat["predicted_s"] == pytest.approx(lat["remainder_s"] + latency, rel=1e-9)
     md = (out / "report.md").read_text()
