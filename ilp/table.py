@@ -7,7 +7,13 @@ A row holds, for each candidate width ``b`` (4 and 8 by default):
   (latency in seconds; optional, needed only for a latency budget);
 
 and ``sensitivity``, the average Hessian trace ``Tr(H)/n`` (``n = params``).
-The ILP's objective for width ``b`` is ``sensitivity * delta_w[b]`` (HAWQV3).
+The ILP's objective for width ``b`` is ``sensitivity * delta_w[b]`` (HAWQV3),
+plus, when the row has one, ``act_term[b] = Tr(H_A) * S_b^2 / 12``: a layer at
+``b`` bits also reads a ``b``-bit input, rounded onto a grid of step ``S_b``
+(the converter's input scale at that width), whose noise raises the loss by
+``1/2 Tr(H_A) S_b^2 / 12`` as the weights' raises it by ``1/2 sensitivity *
+delta_w[b]`` (``quantizer/sensitivity.py``, "Input activations").  An input
+the converter keeps at int8 at every width has the same term at both.
 
 ``ties``: groups of layers that must share one width (e.g. layers that read
 one activation, whose width is the input width of each).  ``pins``: layers
@@ -126,6 +132,7 @@ class LayerRow:
     size_bytes: Mapping[int, float]
     bops: Mapping[int, float]
     latency: Mapping[int, float] | None = None
+    act_term: Mapping[int, float] | None = None  # Tr(H_A) * S_b^2 / 12 (module docstring); None: weights only
 
     def cost(self, kind: str, bits: int) -> float:
         column = getattr(self, _COLUMN[kind])
@@ -137,7 +144,7 @@ class LayerRow:
         return column[bits]
 
     def objective(self, bits: int) -> float:
-        return self.sensitivity * self.delta_w[bits]
+        return self.sensitivity * self.delta_w[bits] + (self.act_term[bits] if self.act_term else 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +183,7 @@ class Table:
                     size_bytes=_per_bits(row.size_bytes, bits, "size_bytes", name),
                     bops=_per_bits(row.bops, bits, "bops", name),
                     latency=_per_bits(row.latency, bits, "latency", name, optional=True),
+                    act_term=_per_bits(row.act_term, bits, "act_term", name, optional=True),
                 )
             )
         object.__setattr__(self, "layers", tuple(rows))
@@ -301,8 +309,13 @@ class Table:
         pins: Mapping[str, int] | None = None,
         costs: Mapping[str, Mapping[int, object]] | None = None,
         remainder_s: Mapping[int, float] | None = None,
+        input_noise: Mapping[str, Mapping[int, float]] | None = None,
     ) -> Table:
         """Rows from sensitivity records (``LayerSensitivity`` objects or their ``to_dict()``), in order.
+
+        input_noise: ``{layer: {bits: S_b^2 / 12}}`` (``quantizer.sensitivity.input_noise``): with it each
+            row gets ``act_term[b] = max(0, act_trace) * input_noise[layer][b]`` (module docstring); a
+            layer it does not list, or a record without ``act_trace``, keeps the weight term alone.
 
         costs: ``{layer: {bits: cost}}`` (an ``ilp.costs.CostTable``): the size, BOPs and latency columns
             (see the module docstring); it must cost exactly the records' layers, with the records' MACs.
@@ -341,6 +354,10 @@ class Table:
                         f"ILP table: layer {name!r} has BOPs {wrong} in the cost table but {macs} MACs per sample in "
                         "its sensitivity record; measure both on the same model and example shapes."
                     )
+            noise = (input_noise or {}).get(name)
+            act = None
+            if noise is not None and "act_trace" in d and all(b in noise for b in bits):
+                act = {b: max(0.0, float(d["act_trace"])) * float(noise[b]) for b in bits}
             rows.append(
                 LayerRow(
                     name=name,
@@ -350,6 +367,7 @@ class Table:
                     size_bytes=size,
                     bops=bops,
                     latency=lat,
+                    act_term=act,
                 )
             )
         if remainder_s is None and costs is not None:
@@ -374,6 +392,7 @@ class Table:
                     "size_bytes": col(r.size_bytes),
                     "bops": col(r.bops),
                     "latency": col(r.latency),
+                    "act_term": col(r.act_term),
                 }
                 for r in self.layers
             ],

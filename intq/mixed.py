@@ -29,8 +29,10 @@ chosen widths (``QuantConfig(bits=8, layer_bits=...)``):
    ``MixedPlan.fixed_int8_inputs``; no tie changes them);
 5. pins: the first and last weighted layers at 8 bits unless ``pins`` says
    otherwise (``{}``: none);
-6. the ILP (``ilp.solve.solve``): minimise ``sum_i Tr_i/n_i * ||W_i - Q_b(W_i)||^2``
-   within the budget.  Budgets are fractions of the all-INT8 cost of the
+6. the ILP (``ilp.solve.solve``): minimise ``sum_i Tr_i/n_i * ||W_i - Q_b(W_i)||^2
+   + Tr(H_A,i) * S_{b,i}^2 / 12`` within the budget (the second term: the
+   layer's ``b``-bit input, ``S_{b,i}`` its scale in the ``b``-bit model;
+   ``ilp/table.py``).  Budgets are fractions of the all-INT8 cost of the
    weighted layers: ``size`` of their weights and biases, ``bops`` of their
    multiply-accumulates, ``latency`` of the sum of their measured kernels
    (a 4-bit layer also counts its share of how the time outside the kernels
@@ -133,6 +135,9 @@ class MixedPlan:
                     "trace_per_param": r.sensitivity,
                     "params": r.params,
                     "delta_w": {str(b): v for b, v in r.delta_w.items()},
+                    "input_trace": sens.act_trace,
+                    "input_trace_stderr": sens.act_trace_stderr,
+                    "objective": {str(b): r.objective(b) for b in r.delta_w},
                     "size_bytes": {str(b): c.size_bytes for b, c in per.items()},
                     "bops": {str(b): c.bops for b, c in per.items()},
                     "latency_s": {str(b): c.latency_s for b, c in per.items()},
@@ -240,7 +245,7 @@ def analyze(
     """
     from intq.api import _as_tuple, quantize
     from intq.quantizer.layer_widths import fixed_int8_inputs, shared_input_groups
-    from intq.quantizer.sensitivity import layer_sensitivity
+    from intq.quantizer.sensitivity import input_noise, layer_sensitivity
 
     config = config or QuantConfig()
     raw = list(calib)
@@ -282,7 +287,8 @@ def analyze(
     else:
         costs = _static_costs(q8, target)
     ties = shared_input_groups(q8.float_graph) if tie_shared_inputs else ()
-    table = Table.from_sensitivity(sens, bits=(4, 8), ties=ties, pins=pins, costs=costs)
+    noise = input_noise({8: q8, 4: q4})
+    table = Table.from_sensitivity(sens, bits=(4, 8), ties=ties, pins=pins, costs=costs, input_noise=noise)
     return MixedAnalysis(
         source=source,
         calib=tuple(raw),

@@ -38,6 +38,22 @@ sample is ``2 ||H_ii - diag(H_ii)||_F^2 + sum_{j != i} ||H_ij||_F^2``.  Draws
 stop at ``max_samples``, or once ``min_samples`` are in and the running mean's
 standard error ``s / sqrt(k)`` is at most ``tol * |mean|`` for every layer.
 
+Input activations
+-----------------
+A 4-bit layer also reads a 4-bit input (``quantizer/convert.py``), so the
+same draws estimate, per layer, ``Tr(H_A,i)``: the trace of the Hessian of
+``L`` with respect to the layer's *input* ``A_i`` over every calibration
+position (a zero ``delta`` added to the input by a forward pre-hook is
+differentiated like a weight; one Rademacher block per batch, the batch's
+share folded in).  Rounding ``A_i`` onto a grid of step ``S`` adds noise of
+variance ``S^2 / 12`` per element, which raises the loss by ``1/2 Tr(H_A,i)
+S^2 / 12`` to second order, the same ``1/2`` as the weights' ``1/2 (Tr(H_i)
+/ n_i) ||dW||^2``; ``ilp/table.py`` adds ``Tr(H_A,i) S_b^2 / 12`` to each
+width's objective, ``S_b`` the input scale the converter chose at that width.
+Each layer's block is its own: layers reading one shared activation (Q, K, V)
+each count their own term, without the cross terms between them.  A module
+called by several nodes is perturbed at its first call in each forward.
+
 Weight perturbation
 -------------------
 The converter's weight quantizer: symmetric, per output channel ``c``,
@@ -80,7 +96,7 @@ from intq.quantizer.model import QuantizedModel
 
 WEIGHTED = (FLinear, FConv2d, torch.nn.Linear, torch.nn.Conv2d)
 CACHE_FORMAT = "intq-sensitivity"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +111,8 @@ class LayerSensitivity:
     trace_stderr: float  # standard error of that estimate
     samples: int
     delta_w: dict[int, float]  # bits -> ||W - Q_b(W)||^2
+    act_trace: float = 0.0  # Tr(H_A): the Hessian with respect to the layer's input, over the calibration positions
+    act_trace_stderr: float = 0.0
 
     @property
     def trace_per_param(self) -> float:
@@ -307,6 +325,22 @@ def _measure(model, layers, batches, labels, loss_fn, kind, settings, progress) 
             return hook
 
         handles = [m.register_forward_hook(record(path)) for m, (_, path) in zip(mods, layers, strict=True)]
+        # Each layer's input gets a zero ``delta`` (the "Input activations" section): recorded shapes first.
+        perturb = {"deltas": None, "seen": set(), "shapes": []}
+
+        def add_delta(i):
+            def pre_hook(mod, args):
+                if i in perturb["seen"]:
+                    return None  # a module called again in the same forward: perturbed at its first call only
+                perturb["seen"].add(i)
+                if perturb["deltas"] is None:
+                    perturb["shapes"][-1][i] = args[0].shape
+                    return None
+                return (args[0] + perturb["deltas"][i], *args[1:])
+
+            return pre_hook
+
+        handles += [m.register_forward_pre_hook(add_delta(i)) for i, m in enumerate(mods)]
 
         def output(batch, ws):
             subst = dict(frozen)
@@ -316,74 +350,113 @@ def _measure(model, layers, batches, labels, loss_fn, kind, settings, progress) 
                 out = out[settings["output_index"]]
             return out
 
+        def forward(batch, ws, deltas=None):
+            perturb["deltas"], perturb["seen"] = deltas, set()
+            if deltas is None:
+                perturb["shapes"].append([None] * len(mods))
+            return output(batch, ws)
+
         try:
             with torch.no_grad():
-                firsts = [output(b, weights) for b in batches]
+                firsts = [forward(b, weights) for b in batches]
+            if any(shape is None for shapes in perturb["shapes"] for shape in shapes):
+                raise ValueError("Sensitivity: a weighted layer is not called in the forward pass; remove it.")
+            deltas = [
+                [
+                    torch.zeros(shape, dtype=w.dtype, requires_grad=True)
+                    for shape, w in zip(shapes, weights, strict=True)
+                ]
+                for shapes in perturb["shapes"]
+            ]
+            return _traces(model, layers, mods, weights, deltas, forward, batches, labels, loss_fn, kind, settings,
+                           firsts, macs, progress)  # fmt: skip
         finally:
             for h in handles:
                 h.remove()
-        if kind == "kl":
-            targets = [torch.softmax(y.double(), dim=-1).to(y.dtype).detach() for y in firsts]
-        else:
-            targets = labels if labels is not None else [None] * len(batches)
-        sizes = [b[0].shape[0] if b and b[0].dim() > 0 else 1 for b in batches]
-        shares = [s / sum(sizes) for s in sizes]
-
-        def loss_of(k):
-            y = output(batches[k], weights)
-            if loss_fn is not None:
-                return loss_fn(y, targets[k])
-            if kind == "cross_entropy":
-                return F.cross_entropy(y.reshape(-1, y.shape[-1]), targets[k].reshape(-1).long())
-            logp = torch.log_softmax(y, dim=-1)
-            p = targets[k]
-            return (p * (torch.log(p.clamp_min(1e-30)) - logp)).sum(-1).mean()
-
-        grads_cache: dict[int, tuple] = {}
-
-        def hvp(vs):
-            total = [torch.zeros_like(w) for w in weights]
-            for k, share in enumerate(shares):
-                grads = grads_cache.get(k)
-                if grads is None:
-                    grads = torch.autograd.grad(loss_of(k), weights, create_graph=True, allow_unused=True)
-                    if len(batches) == 1:  # one batch: keep its graph and reuse it for every draw
-                        grads_cache[k] = grads
-                terms = [(g * v).sum() for g, v in zip(grads, vs, strict=True) if g is not None and g.requires_grad]
-                if not terms:
-                    continue  # the loss is (at most) linear in the weights: H = 0
-                hvs = torch.autograd.grad(sum(terms), weights, retain_graph=len(batches) == 1, allow_unused=True)
-                for t, hv in zip(total, hvs, strict=True):
-                    if hv is not None:
-                        t.add_(hv.detach(), alpha=share)
-            return total
-
-        gen = torch.Generator().manual_seed(int(settings["seed"]))
-        means, stderrs, count = hutchinson_traces(
-            hvp,
-            [w.shape for w in weights],
-            max_samples=settings["max_samples"],
-            min_samples=settings["min_samples"],
-            tol=settings["tol"],
-            generator=gen,
-            progress=progress,
-            dtype=weights[0].dtype,
-        )
-        result = {}
-        for (name, path), mod, w, tr, se in zip(layers, mods, weights, means, stderrs, strict=True):
-            result[name] = LayerSensitivity(
-                name=name,
-                op=type(mod).__name__,
-                params=w.numel(),
-                macs=macs.get(path, 0),
-                trace=tr,
-                trace_stderr=se,
-                samples=count,
-                delta_w={b: weight_perturbation(w, b) for b in settings["bits"]},
-            )
-        return result
     finally:
         model.train(was_training)
+
+
+def _traces(model, layers, mods, weights, deltas, forward, batches, labels, loss_fn, kind, settings, firsts, macs,
+            progress) -> dict[str, LayerSensitivity]:  # fmt: skip
+    """The Hutchinson draws over the weights and the per-batch input deltas (module docstring)."""
+    if kind == "kl":
+        targets = [torch.softmax(y.double(), dim=-1).to(y.dtype).detach() for y in firsts]
+    else:
+        targets = labels if labels is not None else [None] * len(batches)
+    sizes = [b[0].shape[0] if b and b[0].dim() > 0 else 1 for b in batches]
+    shares = [s / sum(sizes) for s in sizes]
+
+    def loss_of(k):
+        y = forward(batches[k], weights, deltas[k])
+        if loss_fn is not None:
+            return loss_fn(y, targets[k])
+        if kind == "cross_entropy":
+            return F.cross_entropy(y.reshape(-1, y.shape[-1]), targets[k].reshape(-1).long())
+        logp = torch.log_softmax(y, dim=-1)
+        p = targets[k]
+        return (p * (torch.log(p.clamp_min(1e-30)) - logp)).sum(-1).mean()
+
+    grads_cache: dict[int, tuple] = {}
+
+    n_w, n_l = len(weights), len(mods)
+
+    def hvp(vs):
+        """``H v`` for ``vs`` = the weights' blocks, then each batch's input-delta blocks (``n_l`` per batch)."""
+        total = [torch.zeros_like(w) for w in weights]
+        per_batch = []
+        for k, share in enumerate(shares):
+            wrt = [*weights, *deltas[k]]
+            v_k = [*vs[:n_w], *vs[n_w + k * n_l : n_w + (k + 1) * n_l]]
+            grads = grads_cache.get(k)
+            if grads is None:
+                grads = torch.autograd.grad(loss_of(k), wrt, create_graph=True, allow_unused=True)
+                if len(batches) == 1:  # one batch: keep its graph and reuse it for every draw
+                    grads_cache[k] = grads
+            terms = [(g * v).sum() for g, v in zip(grads, v_k, strict=True) if g is not None and g.requires_grad]
+            hvs = [None] * len(wrt)
+            if terms:  # else the loss is (at most) linear in the weights and inputs: H = 0
+                hvs = torch.autograd.grad(sum(terms), wrt, retain_graph=len(batches) == 1, allow_unused=True)
+            for t, hv in zip(total, hvs[:n_w], strict=True):
+                if hv is not None:
+                    t.add_(hv.detach(), alpha=share)
+            per_batch += [
+                torch.zeros_like(d) if hv is None else hv.detach() * share
+                for d, hv in zip(deltas[k], hvs[n_w:], strict=True)
+            ]
+        return total + per_batch
+
+    gen = torch.Generator().manual_seed(int(settings["seed"]))
+    means, stderrs, count = hutchinson_traces(
+        hvp,
+        [w.shape for w in weights] + [d.shape for batch in deltas for d in batch],
+        max_samples=settings["max_samples"],
+        min_samples=settings["min_samples"],
+        tol=settings["tol"],
+        generator=gen,
+        progress=progress,
+        dtype=weights[0].dtype,
+    )
+    result = {}
+    act_means = [math.fsum(means[n_w + k * n_l + i] for k in range(len(batches))) for i in range(n_l)]
+    act_stderrs = [
+        math.sqrt(math.fsum(stderrs[n_w + k * n_l + i] ** 2 for k in range(len(batches)))) for i in range(n_l)
+    ]
+    for i, ((name, path), mod, w) in enumerate(zip(layers, mods, weights, strict=True)):
+        tr, se = means[i], stderrs[i]
+        result[name] = LayerSensitivity(
+            name=name,
+            op=type(mod).__name__,
+            params=w.numel(),
+            macs=macs.get(path, 0),
+            trace=tr,
+            trace_stderr=se,
+            samples=count,
+            delta_w={b: weight_perturbation(w, b) for b in settings["bits"]},
+            act_trace=act_means[i],
+            act_trace_stderr=act_stderrs[i],
+        )
+    return result
 
 
 # ---------------------------------------------------------------- cache
@@ -440,3 +513,22 @@ def _cache_write(path: Path, key: str, entry: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def input_noise(qmodels: dict) -> dict[str, dict[int, float]]:
+    """``{layer: {b: S_b^2 / 12}}``: the variance of rounding each weighted layer's input to the converter's grid.
+
+    ``qmodels``: ``{b: QuantizedModel}``, each converted with every layer at ``b`` bits
+    (``QuantConfig(bits=b, first_last_bits=b)``).  ``S_b`` is the layer's input scale there
+    (``LayerRecord.in_scale``; a per-channel scale contributes the mean of its squares).  A layer whose
+    input the converter keeps at int8 whatever its width (a GELU, Softmax or MatMul output) has the same
+    scale at every ``b``, so its term does not favour either width.  Layers are named by their source
+    in the canonical graph, as ``layer_sensitivity`` names them.
+    """
+    out: dict[str, dict[int, float]] = {}
+    for bits, qmodel in qmodels.items():
+        for rec in qmodel.layers:
+            if rec.op.startswith(("IntLinear", "IntConv2d")) and rec.in_scale is not None:
+                scale = torch.as_tensor(rec.in_scale, dtype=torch.float64)
+                out.setdefault(rec.source, {})[int(bits)] = float((scale**2).mean()) / 12.0
+    return out

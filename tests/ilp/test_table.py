@@ -132,3 +132,22 @@ def test_remainder_validation(remainder, layers, message):
 def test_predicted_latency_needs_the_reference_remainder():
     with pytest.raises(ValueError, match=r"no remainder_s for the reference width"):
         Table((timed("a", 1.0, 0.5),)).predicted_latency({"a": 8})
+
+
+def test_input_noise_adds_the_activation_term():
+    """objective(b) = Tr/n * dW_b + max(0, Tr_A) * S_b^2 / 12; a layer without noise (or an old record) keeps the
+    weight term alone; the term survives the JSON round trip."""
+    records = [
+        {"name": "a", "params": 10, "macs": 100, "trace": 5.0, "delta_w": {"4": 2.0, "8": 0.5}, "act_trace": 3.0},
+        {"name": "b", "params": 4, "macs": 40, "trace": 8.0, "delta_w": {"4": 1.0, "8": 0.25}, "act_trace": -1.0},
+        {"name": "c", "params": 4, "macs": 40, "trace": 4.0, "delta_w": {"4": 1.0, "8": 0.5}},
+    ]
+    noise = {"a": {4: 0.3, 8: 0.001}, "b": {4: 7.0, 8: 1.0}, "c": {4: 9.0, 8: 1.0}}
+    table = Table.from_sensitivity(records, input_noise=noise)
+    a, b, c = table.layers
+    assert a.objective(4) == pytest.approx(0.5 * 2.0 + 3.0 * 0.3) and a.objective(8) == pytest.approx(0.25 + 0.003)
+    assert b.act_term == {4: 0.0, 8: 0.0} and b.objective(4) == pytest.approx(2.0)  # a negative trace is noise
+    assert c.act_term is None and c.objective(4) == pytest.approx(1.0)  # no input trace recorded
+    again = Table.from_json(table.to_json())
+    assert [r.objective(4) for r in again.layers] == [r.objective(4) for r in table.layers]
+    assert Table.from_sensitivity(records).layers[0].act_term is None  # no noise given: weights only
