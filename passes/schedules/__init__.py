@@ -107,8 +107,8 @@ def _register_row_and_attention_schedules() -> None:
             "ShiftGELU": rows.schedule_shiftgelu_kernel,  # needs the target: the table gather by AVX-512 VBMI
             "IntAdd": schedule_with(rows.schedule_add),
             "Requantize": schedule_with(rows.schedule_requantize),
-            "IntMatMul": schedule_with(batch_matmul.schedule_batch_matmul),
-            "IntMatMulAcc": schedule_with(batch_matmul.schedule_batch_matmul),
+            "IntMatMul": batch_matmul.schedule_matmul,  # needs the target: the x86 plan by its dot instruction
+            "IntMatMulAcc": batch_matmul.schedule_matmul,
             "IntConv2d": schedule_with(conv.schedule_direct),
         }
     )
