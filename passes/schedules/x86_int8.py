@@ -52,19 +52,27 @@ DOT_8X4_I8I8I32_AVX2 = "dot_8x4_i8i8i32_avx2"
 LANES, REDUCE = 8, 4  # output channels per intrinsic call (int32 lanes of a ymm), reduction indices per call
 
 
-@T.prim_func(s_tir=True)
-def dot_8x4_desc(
-    A: T.Buffer((4,), "int8", offset_factor=1),
-    B: T.Buffer((8, 4), "int8", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-        T.writes(C[0:8])
-        for j, k in T.grid(8, 4):
-            with T.sblock("update"):
-                vj, vk = T.axis.remap("SR", [j, k])
-                C[vj] = C[vj] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vj, vk])
+def _dot_8x4_desc(a_dtype: str) -> tirx.PrimFunc:
+    """The computation both x86 intrinsics implement, with ``A`` of ``a_dtype`` (int8, or uint8 for VNNI)."""
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((4,), a_dtype, offset_factor=1),
+        B: T.Buffer((8, 4), "int8", offset_factor=1),
+        C: T.Buffer((8,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+            T.writes(C[0:8])
+            for j, k in T.grid(8, 4):
+                with T.sblock("update"):
+                    vj, vk = T.axis.remap("SR", [j, k])
+                    C[vj] = C[vj] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vj, vk])
+
+    return desc
+
+
+dot_8x4_desc = _dot_8x4_desc("int8")
 
 
 def _bcast4(a: tirx.Buffer) -> tirx.PrimExpr:
@@ -109,19 +117,7 @@ DOT_8X4_U8I8I32_VNNI = "dot_8x4_u8i8i32_vnni"
 VNNI_OFFSET = 128  # added to every int8 activation to make it the unsigned operand of vpdpbusd
 
 
-@T.prim_func(s_tir=True)
-def dot_8x4_vnni_desc(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((8, 4), "int8", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-        T.writes(C[0:8])
-        for j, k in T.grid(8, 4):
-            with T.sblock("update"):
-                vj, vk = T.axis.remap("SR", [j, k])
-                C[vj] = C[vj] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vj, vk])
+dot_8x4_vnni_desc = _dot_8x4_desc("uint8")
 
 
 def dot_8x4_vnni_impl(scope_a: str = "global", scope_b: str = "global", scope_c: str = "global") -> tirx.PrimFunc:
