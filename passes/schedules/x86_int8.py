@@ -120,6 +120,18 @@ VNNI_OFFSET = 128  # added to every int8 activation to make it the unsigned oper
 dot_8x4_vnni_desc = _dot_8x4_desc("uint8")
 
 
+def vpdpbusd(acc: tirx.PrimExpr, word: tirx.PrimExpr, b: tirx.PrimExpr) -> tirx.PrimExpr:
+    """``vpdpbusd(acc, broadcast(word), b)`` on ``L`` int32 lanes (8: ymm, 16: zmm); ``word``: 4 unsigned bytes.
+
+    The one place that spells the LLVM intrinsic (also ``x86_matmul_intrin``'s): the LLVM of TVM 0.27
+    declares it on ``<4L x i8>`` operands (older LLVMs, and TVM's own ``tensor_intrin/x86.py``, pass
+    ``<L x i32>``, which this LLVM rejects).
+    """
+    lanes = acc.ty.dtype.lanes
+    bytes_ = tirx.reinterpret(f"int8x{4 * lanes}", tirx.Broadcast(word, lanes))
+    return tirx.call_llvm_pure_intrin(f"int32x{lanes}", f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", acc, bytes_, b)
+
+
 def dot_8x4_vnni_impl(scope_a: str = "global", scope_b: str = "global", scope_c: str = "global") -> tirx.PrimFunc:
     """``C[j] += sum_k A[k] * B[j, k]`` with ``A`` uint8: one ``vpdpbusd`` on ymm registers (AVX-512 VNNI + VL).
 
@@ -129,9 +141,6 @@ def dot_8x4_vnni_impl(scope_a: str = "global", scope_b: str = "global", scope_c:
     32 bits (no 16-bit intermediate, no saturation: ``vpdpbusds`` is the
     saturating form), so the lane gains the exact sum; the ``C +=`` wraps
     like any int32 addition.  Every int8 weight works, ``-128`` included.
-    The LLVM of TVM 0.27 declares the intrinsic on ``<32 x i8>`` operands
-    (older LLVMs, and TVM's own ``tensor_intrin/x86.py``, pass ``<8 x i32>``,
-    which this LLVM rejects).
     """
 
     @T.prim_func(s_tir=True)
@@ -143,12 +152,8 @@ def dot_8x4_vnni_impl(scope_a: str = "global", scope_b: str = "global", scope_c:
         with T.sblock("root"):
             T.reads(C[0:8], A[0:4], B[0:8, 0:4])
             T.writes(C[0:8])
-            C[T.ramp(0, 1, 8)] = T.call_llvm_pure_intrin(
-                "int32x8",
-                "llvm.x86.avx512.vpdpbusd.256",
-                C[T.ramp(0, 1, 8)],
-                T.reinterpret("int8x32", T.broadcast(T.reinterpret("int32", A.vload([0], "uint8x4")), 8)),
-                B.vload([0, 0], "int8x32"),
+            C[T.ramp(0, 1, 8)] = vpdpbusd(
+                C[T.ramp(0, 1, 8)], T.reinterpret("int32", A.vload([0], "uint8x4")), B.vload([0, 0], "int8x32")
             )
 
     return impl

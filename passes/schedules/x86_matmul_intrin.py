@@ -52,6 +52,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from intq.passes.compat import tirx, tvm
+from intq.passes.schedules.x86_int8 import vpdpbusd
 
 BYTES_128 = 0x80808080 - 2**32  # the int32 whose four bytes are 0x80 (each 128 as an unsigned byte)
 
@@ -114,12 +115,6 @@ def _const(value: int, dtype: str, lanes: int) -> tirx.PrimExpr:
     return scalar if lanes == 1 else tirx.Broadcast(scalar, lanes)
 
 
-def _vpdpbusd(acc, word, b):
-    lanes = acc.ty.dtype.lanes
-    name = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
-    return tirx.call_llvm_pure_intrin(f"int32x{lanes}", name, acc, _bcast(word, lanes, f"int8x{4 * lanes}"), b)
-
-
 def _vpdpwssd(acc, word, b):
     lanes = acc.ty.dtype.lanes
     name = f"llvm.x86.avx512.vpdpwssd.{32 * lanes}"
@@ -139,7 +134,7 @@ VNNI_U8 = MatmulDot(
     registers=32,
     tile=(6, 4),
     biased=True,
-    instruction=_vpdpbusd,
+    instruction=vpdpbusd,
 )
 VNNI_I16 = MatmulDot(
     "avx512vnni_i16",
