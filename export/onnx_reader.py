@@ -40,7 +40,11 @@ Reading checks, in order: the file exists and parses as an ONNX model;
 external data is present; default-domain opset 13-21; nodes topologically
 sorted and every input defined; ``onnx.checker.check_model``; every op
 supported (one error lists them all). Model-local functions are inlined
-first, so a node of the ``intq`` domain reads as its standard-op body. Every
+first, so a node of the ``intq`` domain reads as its standard-op body.
+With ``simplify=True`` (what ``quantize`` reads with) the model is first
+simplified (``quantizer/simplify.py``: shape arithmetic and constant
+subgraphs folded, dead nodes removed), so an op that only computed a
+constant is not refused. Every
 failure is an ``OnnxReadError`` with one paragraph that names the file, the
 node or tensor, and what to do.
 """
@@ -52,6 +56,7 @@ import keyword
 import operator
 import os
 import re
+import warnings
 from typing import Any
 
 import onnx
@@ -141,14 +146,20 @@ def _copy_attribute(attr: AttributeProto) -> AttributeProto:
     return out
 
 
-def read_onnx(model: str | os.PathLike | onnx.ModelProto) -> torch.fx.GraphModule:
-    """Read ``model`` (a path or a ModelProto) into a GraphModule; see the module docstring."""
+def read_onnx(model: str | os.PathLike | onnx.ModelProto, simplify: bool = False) -> torch.fx.GraphModule:
+    """Read ``model`` (a path or a ModelProto) into a GraphModule; see the module docstring.
+
+    ``simplify``: first fold what does not depend on the data (``quantizer/simplify.py``); the graph
+    then has one fx node per node of the simplified model.
+    """
     proto, source, path = _load(model)
     opset = _default_opset(proto, source)
     _check_topology(proto.graph, source)
     _run_checker(proto, source, path)
     if proto.functions:
         proto = onnx.inliner.inline_local_functions(proto)
+    if simplify:
+        proto = _simplified(proto, source)
     _check_supported(proto.graph, source)
     return _Builder(proto, source, opset).build()
 
@@ -312,6 +323,17 @@ def _check_supported(graph: onnx.GraphProto, source: str) -> None:
         "for a torch model, torch.onnx.export(..., dynamo=True) without custom translations), or file an "
         "issue naming each operator listed above (op type and domain) so that intq can support it."
     )
+
+
+def _simplified(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    """``simplify(proto)``, or ``proto`` itself with a warning when the optimizer fails on it."""
+    from intq.quantizer.simplify import SimplifyError, simplify
+
+    try:
+        return simplify(proto)
+    except SimplifyError as exc:
+        warnings.warn(f"{source}: reading the model unsimplified: {exc}", stacklevel=3)
+        return proto
 
 
 def _one_line(exc: BaseException) -> str:

@@ -735,6 +735,23 @@ def _gather_elements(op, x, indices):
     return torch.gather(x, axis, torch.where(idx < 0, idx + x.shape[axis], idx))
 
 
+@register("GatherND")
+@_via_int64
+def _gather_nd(op, x, indices):
+    """ONNX GatherND: ``out[b..., i...] = x[b..., *indices[b..., i..., :]]``, the first ``batch_dims`` dims shared."""
+    b = int(_attr(op, "batch_dims", 0))
+    idx = indices.to(torch.int64)
+    depth = idx.shape[-1]
+    batch, inner = tuple(x.shape[:b]), tuple(x.shape[b : b + depth])
+    idx = torch.where(idx < 0, idx + torch.tensor(inner, dtype=torch.int64), idx)
+    flat_x = x.reshape((math.prod(batch), math.prod(inner)) + tuple(x.shape[b + depth :]))
+    strides = torch.tensor([math.prod(inner[k + 1 :]) for k in range(depth)], dtype=torch.int64)
+    flat_idx = (idx * strides).sum(-1).reshape(math.prod(batch), -1)  # [batch, gathered]
+    rows = torch.arange(flat_x.shape[0]).unsqueeze(1).expand_as(flat_idx)
+    out = flat_x[rows, flat_idx]
+    return out.reshape(tuple(idx.shape[:-1]) + tuple(x.shape[b + depth :]))
+
+
 @register("Expand")
 def _expand(op, x, shape):
     return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(_ints(shape))))

@@ -186,7 +186,8 @@ def run(args) -> None:
     from intq.config import QuantConfig
     from intq.export.onnx_reader import read_onnx
 
-    gm = read_onnx(str(model_path))  # fails early, with one message, on corrupt files or unsupported op types
+    # fails early, with one message, on corrupt files or op types that simplification does not remove
+    gm = read_onnx(str(model_path), simplify=True)
     inputs = gm.meta["inputs"]
     arrays = _load_calibration(args.calib, inputs, model_path)
     batches = _batches(arrays, inputs, args.batch_size, args.max_samples)

@@ -74,6 +74,27 @@ class FSoftmax(torch.nn.Module):
         return torch.softmax(x, dim=-1)
 
 
+class FMaskedSoftmax(torch.nn.Module):
+    """Softmax over the last axis of ``x`` restricted to the kept keys of a padding mask.
+
+    ``x``: scores ``[B, ..., Lk]``; ``mask``: ``[B, Lk]`` (the ``attention_mask``
+    input as ``transformers`` takes it, any integer or boolean dtype).  Key
+    ``k`` of batch row ``b`` is kept when ``mask[b, k] != 0``; a masked key
+    gets probability exactly 0, and a row with no kept key is all 0 (what
+    ``Where(IsNaN(softmax), 0, softmax)`` gives after a ``-inf`` mask).
+    """
+
+    def forward(self, x, mask):
+        keep = key_mask(mask, x.dim())
+        probs = torch.softmax(x.masked_fill(~keep, -math.inf), dim=-1)
+        return torch.nan_to_num(probs, nan=0.0)
+
+
+def key_mask(mask: torch.Tensor, rank: int) -> torch.Tensor:
+    """``mask [B, Lk] != 0`` reshaped to ``[B, 1, ..., 1, Lk]`` (rank ``rank``), broadcastable onto the scores."""
+    return (mask != 0).reshape((mask.shape[0],) + (1,) * (rank - 2) + (mask.shape[-1],))
+
+
 class FGelu(torch.nn.Module):
     """Exact (erf) GELU."""
 
@@ -134,4 +155,16 @@ class FAvgPool(torch.nn.Module):
         return "global" if self.kernel is None else f"kernel={self.kernel}, stride={self.stride}, pads={self.pads}"
 
 
-CANONICAL_TYPES = (FLinear, FConv2d, FMatMul, FScale, FAdd, FSoftmax, FGelu, FLayerNorm, FClamp, FAvgPool)
+CANONICAL_TYPES = (
+    FLinear,
+    FConv2d,
+    FMatMul,
+    FScale,
+    FAdd,
+    FSoftmax,
+    FMaskedSoftmax,
+    FGelu,
+    FLayerNorm,
+    FClamp,
+    FAvgPool,
+)

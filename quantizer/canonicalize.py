@@ -10,6 +10,10 @@ Rules, applied in this order (each rewrites every match and reports a count):
 1. ``drop_identity``: Identity / Dropout → their input.
 2. ``fold_constants``: any node whose inputs are all constants is evaluated
    once and becomes a constant (a pre-transposed weight, a Cast of a scalar).
+2b. ``attention_mask`` (``quantizer/attention_mask.py``): a softmax of
+   scores plus (or ``Where``-masked by) a value computed from the integer
+   inputs that evaluates to the padding mask of ``attention_mask [B, L]``
+   → ``FMaskedSoftmax(scores, attention_mask)``.
 3. ``layer_norm``: ``LayerNormalization`` over the last axis, or the written-
    out form ``ReduceMean → Sub → Pow 2 → ReduceMean → Add eps → Sqrt → Div``
    (or ``Mul(Reciprocal(Sqrt))``) followed by an optional ``Mul gamma`` and
@@ -56,6 +60,7 @@ import torch.fx as fx
 from onnx import helper
 
 from intq.export.onnx_reader import OnnxOp
+from intq.quantizer.attention_mask import attention_mask
 from intq.quantizer.canonical import (
     FAdd,
     FAvgPool,
@@ -68,121 +73,20 @@ from intq.quantizer.canonical import (
     FScale,
     FSoftmax,
 )
-
-# ---------------------------------------------------------------- graph helpers
-
-
-def onnx_op(gm: fx.GraphModule, node, op_type: str | tuple[str, ...] | None = None) -> OnnxOp | None:
-    """The OnnxOp behind ``node`` (optionally only if its type is ``op_type``)."""
-    if not isinstance(node, fx.Node) or node.op != "call_module":
-        return None
-    mod = gm.get_submodule(node.target)
-    if not isinstance(mod, OnnxOp):
-        return None
-    if op_type is not None:
-        types = (op_type,) if isinstance(op_type, str) else op_type
-        if mod.op_type not in types or mod.domain not in ("", "ai.onnx"):
-            return None
-    return mod
-
-
-def const_value(gm: fx.GraphModule, node) -> torch.Tensor | None:
-    if isinstance(node, fx.Node) and node.op == "get_attr":
-        return _get_attr(gm, node.target)
-    return None
-
-
-def _get_attr(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def scalar_const(gm, node) -> float | None:
-    v = const_value(gm, node)
-    if v is None or v.numel() != 1:
-        return None
-    return float(v.reshape(()).item())
-
-
-def is_float(node) -> bool:
-    dt = node.meta.get("dtype") if isinstance(node, fx.Node) else None
-    return dt is not None and dt.is_floating_point
-
-
-def rank(node) -> int | None:
-    shape = node.meta.get("shape") if isinstance(node, fx.Node) else None
-    return None if shape is None else len(shape)
-
-
-def is_last_axis(axis, node) -> bool:
-    axis = int(axis)
-    r = rank(node)
-    return axis == -1 or (r is not None and axis == r - 1)
-
-
-def only_user(node: fx.Node) -> fx.Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
-
-
-class _Namer:
-    def __init__(self, gm):
-        self.gm = gm
-
-    def add(self, hint: str, module: torch.nn.Module) -> str:
-        base = "".join(c if c.isalnum() else "_" for c in hint).strip("_") or "node"
-        name, i = base, 0
-        while hasattr(self.gm, name):
-            i += 1
-            name = f"{base}_{i}"
-        self.gm.add_submodule(name, module)
-        return name
-
-
-def replace_with_module(gm, anchor: fx.Node, module, args, hint: str) -> fx.Node:
-    """Insert ``call_module(module)(*args)`` after ``anchor`` and route ``anchor``'s users to it."""
-    name = _Namer(gm).add(hint, module)
-    with gm.graph.inserting_after(anchor):
-        new = gm.graph.call_module(name, tuple(args))
-    new.meta = dict(anchor.meta)
-    anchor.replace_all_uses_with(new)
-    new.meta["source_nodes"] = anchor.meta.get("onnx_name", anchor.name)
-    return new
-
-
-def add_constant(gm, value: torch.Tensor, hint: str) -> str:
-    base = "".join(c if c.isalnum() else "_" for c in hint).strip("_") or "const"
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    gm.register_buffer(name, value)
-    return name
-
-
-def remove_dead(gm: fx.GraphModule) -> None:
-    for node in reversed(list(gm.graph.nodes)):
-        if node.op in ("placeholder", "output") or node.users:
-            continue
-        gm.graph.erase_node(node)
-
-
-def annotate(gm: fx.GraphModule, example_inputs) -> None:
-    """Record each node's output shape and dtype from one run of the graph."""
-
-    class _Rec(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if isinstance(out, torch.Tensor):
-                n.meta["shape"] = tuple(out.shape)
-                n.meta["dtype"] = out.dtype
-            return out
-
-    with torch.no_grad():
-        _Rec(gm).run(*example_inputs)
-
+from intq.quantizer.fx_graph import (
+    ModuleNamer,
+    add_constant,
+    annotate,
+    const_value,
+    is_float,
+    is_last_axis,
+    only_user,
+    onnx_op,
+    rank,
+    remove_dead,
+    replace_with_module,
+    scalar_const,
+)
 
 # ---------------------------------------------------------------- rules
 
@@ -592,7 +496,7 @@ def _squeeze_spatial(gm, node: fx.Node) -> fx.Node:
     axes = add_constant(gm, torch.tensor([2, 3], dtype=torch.int64), f"{node.name}_squeeze_axes")
     name = f"{node.name}_squeeze"
     squeeze = OnnxOp(helper.make_node("Squeeze", [node.name, axes], [name], name=name), gm.meta.get("opset", 21))
-    target = _Namer(gm).add(name, squeeze)
+    target = ModuleNamer(gm).add(name, squeeze)
     users = list(node.users)
     with gm.graph.inserting_after(node):
         axes_node = gm.graph.get_attr(axes)
@@ -667,6 +571,7 @@ def add(gm) -> int:
 RULES = (
     drop_identity,
     fold_constants,
+    attention_mask,
     layer_norm,
     gelu,
     linear,
@@ -682,12 +587,16 @@ RULES = (
 )
 
 
+RULES_RUNNING_THE_GRAPH = (attention_mask,)
+
+
 def canonicalize(gm: fx.GraphModule, example_inputs) -> dict[str, int]:
     """Apply every rule in order; return how many times each applied."""
     annotate(gm, example_inputs)
     counts = {}
     for rule in RULES:
-        counts[rule.__name__] = rule(gm)
+        # a rule that recognises a function by running the graph takes the example inputs too
+        counts[rule.__name__] = rule(gm, example_inputs) if rule in RULES_RUNNING_THE_GRAPH else rule(gm)
     gm.graph.lint()
     gm.recompile()
     annotate(gm, example_inputs)

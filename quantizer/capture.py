@@ -49,9 +49,9 @@ def capture(model, example_inputs: tuple | None = None, dynamic_shapes=None) -> 
         if example_inputs is None:
             raise ValueError("capturing a torch module needs example inputs (one calibration batch).")
         proto = export_torch(model, example_inputs, dynamic_shapes)
-        return read_onnx(proto)
+        return read_onnx(proto, simplify=True)
     if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
-        return read_onnx(model)
+        return read_onnx(model, simplify=True)
     raise TypeError(
         f"intq.quantize takes a torch.nn.Module, an ONNX file path or an onnx.ModelProto, not {type(model).__name__}"
     )

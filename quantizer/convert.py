@@ -30,6 +30,8 @@ FMatMul        IntMatMul (IntMatMulAcc when a softmax,     a8 (acc)
                through scalings, consumes it)
 FScale         none: the scale absorbs the factor          unchanged
 FSoftmax       Shiftmax                                    a8, 1/128
+FMasked-       MaskedShiftmax(x, Unsqueeze(mask)): the     a8, 1/128
+Softmax        attention mask's integers, unchanged
 FGelu          ShiftGELU                                   a8
 FLayerNorm     ILayerNorm                                  a8
 FAdd           IntAdd; a 4-D add whose only user is a      r16 (a8)
@@ -76,6 +78,7 @@ from intq.quantizer.canonical import (
     FGelu,
     FLayerNorm,
     FLinear,
+    FMaskedSoftmax,
     FMatMul,
     FScale,
     FSoftmax,
@@ -89,7 +92,7 @@ from intq.quantizer.ops.linear import IntLinear, IntLinear16, IntLinearAcc
 from intq.quantizer.ops.matmul import IntMatMul, IntMatMulAcc
 from intq.quantizer.ops.requantize import Requantize
 from intq.quantizer.ops.shiftgelu import ShiftGELU
-from intq.quantizer.ops.shiftmax import Shiftmax
+from intq.quantizer.ops.shiftmax import MaskedShiftmax, Shiftmax
 
 Q8, Q16 = 127, 32767
 INT8_RANGE, INT16_RANGE = (-128, 127), (-32768, 32767)
@@ -174,6 +177,7 @@ class Converter:
         self.output_meta: list[dict] = []
         self.sites: dict[str, dict] = {}  # fx node name -> the clip and integer range its activation got
         self.fused: set[fx.Node] = set()  # clamps folded into their producer
+        self.key_masks: dict[tuple[fx.Node, int], fx.Node] = {}  # (mask input, rank) -> its unsqueezed keep mask
         self.layer_bits = self.plan_layer_bits()
         self.need = self.plan_activation_bits()
 
@@ -447,6 +451,7 @@ class Converter:
             FMatMul: self.matmul,
             FScale: self.scale,
             FSoftmax: self.softmax,
+            FMaskedSoftmax: self.masked_softmax,
             FGelu: self.gelu,
             FLayerNorm: self.layernorm,
             FAdd: self.add,
@@ -599,7 +604,7 @@ class Converter:
             if len(users) != 1 or users[0].op != "call_module":
                 return False
             mod = self.src.get_submodule(users[0].target)
-            if isinstance(mod, FSoftmax):
+            if isinstance(mod, (FSoftmax, FMaskedSoftmax)) and users[0].args[0] is node:
                 return True
             if not isinstance(mod, FScale):
                 return False
@@ -635,6 +640,32 @@ class Converter:
             LayerRecord(node.name, "Shiftmax", self.source_name(node), 8, float(x.scale), Shiftmax.output_scale)
         )
         return QVal("a8", out, Shiftmax.output_scale)
+
+    def masked_softmax(self, node, mod: FMaskedSoftmax, ins):
+        """``MaskedShiftmax(x, keep)`` with ``keep`` the mask input unsqueezed to ``[B, 1, ..., 1, L]``."""
+        x, mask = ins
+        if mask.kind != "int":
+            self.unsupported.append((self.source_name(node), "Softmax", f"the attention mask is a {mask.kind} value"))
+            return QVal("bad")
+        if x.kind != "acc" or not x.per_tensor:
+            x = self.as_a8(x, node.args[0], node.name + "_in")
+        keep = self.key_mask(mask.node, len(node.meta["shape"]))
+        out = self.module(node.name, MaskedShiftmax(float(x.scale)), (x.node, keep))
+        self.layers.append(
+            LayerRecord(node.name, "MaskedShiftmax", self.source_name(node), 8, float(x.scale), Shiftmax.output_scale)
+        )
+        return QVal("a8", out, Shiftmax.output_scale)
+
+    def key_mask(self, mask: fx.Node, rank: int) -> fx.Node:
+        """``Unsqueeze(mask [B, L], axes 1 .. rank-2)`` (an ONNX op on the integers), one per mask and rank."""
+        key = (mask, rank)
+        if key not in self.key_masks:
+            name = f"{mask.name}_keys{rank}d"
+            axes = self.buffer(name + "_axes", torch.arange(1, rank - 1, dtype=torch.int64))
+            op = OnnxOp(helper.make_node("Unsqueeze", ["mask", "axes"], [name], name=name), ONNX_OPSET)
+            self.key_masks[key] = self.module(name, op, (mask, axes))
+            op.onnx_name = self.key_masks[key].target
+        return self.key_masks[key]
 
     def gelu(self, node, mod, ins):
         x = self.as_a8(ins[0], node.args[0], node.name + "_in")
@@ -692,7 +723,8 @@ class Converter:
             return QVal("int", self.copy(node, ins))
         if all(q.kind == "int" for q in qvals):
             if node.meta.get("dtype") is not None and node.meta["dtype"].is_floating_point:
-                self.unsupported.append((self.source_name(node), mod.op_type, "produces floats from integers"))
+                why = node.meta.get("refused") or "produces floats from integers"
+                self.unsupported.append((self.source_name(node), mod.op_type, why))
                 return QVal("bad")
             return QVal("int", self.copy(node, ins))
         if mod.op_type == "Concat":

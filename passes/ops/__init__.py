@@ -14,7 +14,7 @@ from intq.passes.ops.linear import IntLinear, IntLinear16, IntLinearAcc
 from intq.passes.ops.matmul import IntMatMul, IntMatMulAcc
 from intq.passes.ops.requantize import Requantize
 from intq.passes.ops.shiftgelu import ShiftGELU
-from intq.passes.ops.shiftmax import Shiftmax
+from intq.passes.ops.shiftmax import MaskedShiftmax, Shiftmax
 from intq.passes.ops.unpack_int4 import UnpackInt4
 
 CONVERTERS: dict[str, type[IntqConverter]] = {
@@ -24,5 +24,6 @@ CONVERTERS.update({cls.op_type: cls for cls in (IntMatMul, IntMatMulAcc, IntAdd,
 
 CONVERTERS[ILayerNorm.op_type] = ILayerNorm
 CONVERTERS[UnpackInt4.op_type] = UnpackInt4
+CONVERTERS[MaskedShiftmax.op_type] = MaskedShiftmax
 
 __all__ = ["CONVERTERS", "INTQ_DOMAIN", "IntqConverter", "IntqLoweringError"]

@@ -103,6 +103,7 @@ def _register_row_and_attention_schedules() -> None:
     SCHEDULES.update(
         {
             "Shiftmax": schedule_with(rows.schedule_shiftmax),
+            "MaskedShiftmax": schedule_with(rows.schedule_shiftmax),  # the same blocks, the mask read in them
             "ILayerNorm": schedule_with(rows.schedule_layernorm),
             "ShiftGELU": rows.schedule_shiftgelu_kernel,  # needs the target: the table gather by AVX-512 VBMI
             "IntAdd": schedule_with(rows.schedule_add),
@@ -148,6 +149,7 @@ def _register_cuda_schedules() -> None:
     CUDA_SCHEDULES.update(
         {
             "Shiftmax": gpu(cuda_rows.schedule_shiftmax),
+            "MaskedShiftmax": gpu(cuda_rows.schedule_shiftmax),
             "ILayerNorm": gpu(cuda_rows.schedule_layernorm),
             "ShiftGELU": elementwise,
             "IntAdd": elementwise,

@@ -37,6 +37,25 @@ mostly cancels in the ratio); the second adds ``D = round(1/S)``, which
 scales every exponent by ``S * D``.  Below ``1/S = 15.5`` the error grows
 quickly (``0.26`` at ``1/S = 3.5``).
 
+``MaskedShiftmax(x, keep)``: the same over the kept elements of each row
+only, ``keep`` an integer or boolean tensor that broadcasts onto ``x``
+(nonzero: kept; the converter feeds ``attention_mask [B, L]`` unsqueezed to
+``[B, 1, 1, L]``)::
+
+    k      = keep != 0
+    t      = k ? x - max(x where k, axis=-1) : 0
+    e      = k ? shift_exp(t, D) : 0
+    sum    = max(sum(e, axis=-1), 1)
+    y      = clamp((e * (2**62 // sum) + 2**54) >> 55, 0, 127)
+
+A masked element is exactly 0 and adds nothing to the row's maximum or
+sum, so the kept elements of a row get the same integers whatever the
+masked ones hold and however many there are: a sentence padded to any
+length equals the sentence alone at its own tokens.  A row with no kept
+element is all 0 (``e = 0``, ``sum`` clamped to 1).  The row maximum is
+taken over ``where(k, x, -2**40)``, below every int32; the bounds are
+Shiftmax's.
+
 Invariants, exact by construction: each ``y_i`` is ``w_i = e_i * factor /
 2**55`` rounded half up (``sum w_i`` lies in ``(128 - 2**-40 L D, 128]``),
 and the clamp at 127 can lower one element by 1, for
@@ -96,4 +115,45 @@ class Shiftmax(IntegerOp):
         e = shift_exp_onnx(b, b.op("Sub", x, b.op("ReduceMax", x, last, keepdims=1)), "D")
         y = normalize_onnx(b, e, b.op("ReduceSum", e, last, keepdims=1))
         b.cast(y, "int8", out="y")
+        return b.build()
+
+
+MASKED_SENTINEL = -(1 << 40)  # below every int32 x: the row maximum of the kept elements ignores masked ones
+
+
+class MaskedShiftmax(IntegerOp):
+    """Shiftmax over the elements that ``keep`` marks (nonzero), the others 0; see the module docstring."""
+
+    op_type = "MaskedShiftmax"
+    data_inputs = ("x", "keep")
+    param_names = ("D",)
+    output_dtype = torch.int8
+    output_scale = Shiftmax.output_scale
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.register_buffer("D", as_buffer(exp_divisor(scale, "MaskedShiftmax input"), torch.int64))
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.int64)
+        kept = torch.broadcast_to(keep != 0, x.shape)
+        row_max = torch.where(kept, x, MASKED_SENTINEL).amax(dim=-1, keepdim=True)
+        zero = torch.zeros((), dtype=torch.int64)
+        e = torch.where(kept, shift_exp(torch.where(kept, x - row_max, zero), self.D), zero)
+        return normalize(e, e.sum(dim=-1, keepdim=True).clamp_min(1)).to(self.output_dtype)
+
+    @classmethod
+    def function_proto(cls):
+        b = FunctionBuilder(cls.op_type, ["x", "keep", "D"], doc=__doc__)
+        x = b.cast("x", "int64")
+        zero = b.const(0, "int64", "zero")
+        kept = b.op("Not", b.op("Equal", b.cast("keep", "int64"), zero))
+        last = b.const([-1], "int64", "last_axis")
+        row_max = b.op(
+            "ReduceMax", b.op("Where", kept, x, b.const(MASKED_SENTINEL, "int64", "sentinel")), last, keepdims=1
+        )
+        t = b.op("Where", kept, b.op("Sub", x, row_max), zero)
+        e = b.op("Where", kept, shift_exp_onnx(b, t, "D"), zero)
+        total = b.op("Max", b.op("ReduceSum", e, last, keepdims=1), b.const(1, "int64", "one"))
+        b.cast(normalize_onnx(b, e, total), "int8", out="y")
         return b.build()

@@ -28,7 +28,7 @@ from intq.export.onnx_torch_ops import IMPLS
 FLOAT_TOL = {"rtol": 1e-5, "atol": 1e-5}
 MOVEMENT = {
     "Reshape", "Flatten", "Transpose", "Unsqueeze", "Squeeze", "Concat", "Slice", "Split", "Gather",
-    "GatherElements", "Expand", "Tile", "Trilu", "Pad", "Identity", "Dropout", "Where", "Constant",
+    "GatherElements", "GatherND", "Expand", "Tile", "Trilu", "Pad", "Identity", "Dropout", "Where", "Constant",
     "ConstantOfShape", "Shape", "Size", "MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin", "Cast", "CastLike",
     "Relu", "Neg", "Abs", "Clip", "Min", "Max", "Floor", "Ceil", "Round", "Sign", "IsNaN", "IsInf",
 }  # fmt: skip
@@ -300,6 +300,14 @@ CASES = [
     Case("Gather", [X, np.int64(-1)], {"axis": 2}, name="scalar-index"),
     Case("Gather", [I32, ints([2, 0], np.int32)], name="int32-indices"),
     Case("GatherElements", [X, rand_int((2, 3, 2), -4, 3, np.int64)], {"axis": 2}),
+    Case("GatherND", [X, ints([[0, -1], [1, 2]])]),
+    Case("GatherND", [X, ints([[[1], [0]], [[2], [-1]]])], {"batch_dims": 1}, name="batch-dims"),
+    Case(
+        "GatherND",
+        [np.arange(24).reshape(2, 3, 4) % 3 == 0, ints([[[0, 1]], [[1, 3]]])],
+        {"batch_dims": 1},
+        name="bool",
+    ),
     Case("Expand", [f32(3, 1), ints([2, 1, 4])]),
     Case("Expand", [f32(3, 4), ints([1])], name="smaller-shape"),
     Case("Tile", [I32, ints([2, 3])]),

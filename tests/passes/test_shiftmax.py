@@ -21,7 +21,7 @@ from intq.passes.build import build, run
 from intq.passes.onnx_import import import_onnx
 from intq.passes.ops import IntqLoweringError
 from intq.quantizer.ops.onnx_fn import single_op_model
-from intq.quantizer.ops.shiftmax import Shiftmax
+from intq.quantizer.ops.shiftmax import MaskedShiftmax, Shiftmax
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Field 'shape' of 'type' is required:UserWarning",
@@ -209,3 +209,53 @@ def test_bad_input_is_refused(dtype, shape):
     model.graph.node[0].name = "softmax_3"
     with pytest.raises(IntqLoweringError, match="softmax_3.*x must"):
         import_onnx(model)
+
+
+# ---------------------------------------------------------------- MaskedShiftmax
+
+
+def masked_model(scale: float, x: np.ndarray, keep: np.ndarray, dims: dict[str, dict[int, str]]) -> onnx.ModelProto:
+    """One ``MaskedShiftmax`` node; ``dims[input][axis]`` names a symbolic dim of that graph input."""
+    model = single_op_model(MaskedShiftmax(scale), [x, keep])
+    for vi in model.graph.input:
+        shape = vi.type.tensor_type.shape.dim
+        for axis, name in dims.get(vi.name, {}).items():
+            shape[axis].dim_param = name
+    return model
+
+
+@pytest.mark.parametrize("keep_dtype", [np.int64, np.bool_])
+def test_masked_symbolic_batch_and_length_exact(keep_dtype):
+    """x [b, 3, L, L], keep [b, 1, 1, L] sharing the symbols, as the attention mask of an encoder."""
+    rng = np.random.default_rng(8)
+    scale = 1 / 70
+    x0 = rng.integers(-4000, 4000, (2, 3, 5, 5)).astype(np.int32)
+    model = masked_model(
+        scale, x0, np.ones((2, 1, 1, 5), keep_dtype), {"x": {0: "b", 2: "L", 3: "L"}, "keep": {0: "b", 3: "L"}}
+    )
+    runnable = build(import_onnx(model))
+    op = MaskedShiftmax(scale)
+    for b, L in ((2, 5), (3, 9), (1, 1)):
+        x = rng.integers(I32.min, I32.max, (b, 3, L, L)).astype(np.int32) // 1024
+        keep = rng.integers(0, 2, (b, 1, 1, L)).astype(keep_dtype)
+        keep[-1] = 0  # a row with no kept key: all 0
+        feeds = {"x": x, "keep": keep}
+        want = ort_run(model, feeds)
+        (got,) = run(runnable, feeds)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(op(torch.from_numpy(x), torch.from_numpy(keep)).numpy(), want)
+        assert (want[-1] == 0).all()
+
+
+def test_masked_static_shapes_exact():
+    rng = np.random.default_rng(9)
+    x = rng.integers(-(2**20), 2**20, (1, 12, 7, 7)).astype(np.int32)
+    keep = np.array([1, 1, 1, 0, 1, 0, 0], np.int64).reshape(1, 1, 1, 7)
+    assert_tvm_equals_ort(masked_model(1 / 200, x, keep, {}), [{"x": x, "keep": keep}])
+
+
+def test_masked_refuses_a_keep_that_grows_x():
+    x = np.zeros((1, 2, 4, 4), np.int32)
+    keep = np.ones((3, 1, 1, 4), np.int64)
+    with pytest.raises(IntqLoweringError, match="grow x"):
+        import_onnx(masked_model(1 / 50, x, keep, {}))

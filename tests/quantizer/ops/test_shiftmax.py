@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from intq.quantizer.ops.onnx_fn import single_op_model
-from intq.quantizer.ops.shiftmax import Shiftmax
+from intq.quantizer.ops.shiftmax import MaskedShiftmax, Shiftmax
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -147,3 +147,53 @@ def test_long_flat_row_rounds_to_zero():
 def test_rejects_out_of_range_scale(scale):
     with pytest.raises(ValueError, match="Shiftmax input scale .* out of range"):
         Shiftmax(scale)
+
+
+# ---------------------------------------------------------------- MaskedShiftmax
+
+
+def run_masked(op, x: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``MaskedShiftmax`` in torch and in onnxruntime, asserted equal; the result."""
+    model = single_op_model(op, [x, keep])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x, "keep": keep})[0]
+    want = op(torch.from_numpy(x), torch.from_numpy(keep)).numpy()
+    assert got.dtype == want.dtype == np.int8
+    np.testing.assert_array_equal(got, want)
+    return got
+
+
+@pytest.mark.parametrize("keep_dtype", [np.int64, np.int32, np.bool_])
+def test_masked_equals_shiftmax_on_the_kept_keys(keep_dtype):
+    rng = np.random.default_rng(3)
+    scale = 1 / 90
+    x = rng.integers(-3000, 3000, (3, 2, 5, 9)).astype(np.int32)
+    keep = rng.integers(0, 2, (3, 1, 1, 9)).astype(keep_dtype)
+    keep[:, ..., 0] = 1
+    y = run_masked(MaskedShiftmax(scale), x, keep)
+    for b in range(3):
+        kept = keep[b, 0, 0].astype(bool)
+        assert (y[b][..., ~kept] == 0).all()
+        np.testing.assert_array_equal(y[b][..., kept], Shiftmax(scale)(torch.from_numpy(x[b][..., kept])).numpy())
+
+
+def test_masked_keys_do_not_change_the_kept_ones():
+    """Whatever the masked scores hold (int32 extremes included), the kept outputs are the same integers."""
+    rng = np.random.default_rng(4)
+    op = MaskedShiftmax(1 / 40)
+    x = rng.integers(-500, 500, (2, 3, 4, 6)).astype(np.int32)
+    keep = np.array([1, 1, 0, 1, 0, 0], np.int64).reshape(1, 1, 1, 6)
+    base = run_masked(op, x, keep)
+    for fill in (INT32_MIN, INT32_MAX, 0):
+        other = x.copy()
+        other[..., keep[0, 0, 0] == 0] = fill
+        np.testing.assert_array_equal(run_masked(op, other, keep), base)
+
+
+def test_fully_masked_row_is_zero():
+    op = MaskedShiftmax(1 / 64)
+    x = np.arange(24, dtype=np.int32).reshape(2, 1, 2, 6) * 100
+    keep = np.array([[1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], np.int64).reshape(2, 1, 1, 6)
+    y = run_masked(op, x, keep)
+    assert (y[1] == 0).all()
+    np.testing.assert_array_equal(y[0][..., 0], np.full((1, 2), 127, np.int8))  # one kept key: probability 1
