@@ -362,6 +362,17 @@ for _name, _fn in {
     "Round": torch.round,  # half to even, as ONNX
     "Sin": torch.sin,
     "Cos": torch.cos,
+    "Tan": torch.tan,
+    "Asin": torch.asin,
+    "Acos": torch.acos,
+    "Atan": torch.atan,
+    "Sinh": torch.sinh,
+    "Cosh": torch.cosh,
+    "Asinh": torch.asinh,
+    "Acosh": torch.acosh,
+    "Atanh": torch.atanh,
+    "Softsign": F.softsign,
+    "Mish": F.mish,
     "IsNaN": torch.isnan,
     "Not": torch.logical_not,
     "Identity": lambda x: x,
@@ -415,6 +426,23 @@ def _hard_sigmoid(op, x):
 @register("HardSwish")
 def _hard_swish(op, x):
     return x * torch.clamp(x / 6 + 0.5, 0, 1)
+
+
+@register("Celu")
+def _celu(op, x):
+    alpha = _attr(op, "alpha", 1.0)
+    return torch.clamp(x, min=0) + torch.clamp(alpha * torch.expm1(x / alpha), max=0)
+
+
+@register("ThresholdedRelu")
+def _thresholded_relu(op, x):
+    return torch.where(x > _attr(op, "alpha", 1.0), x, torch.zeros_like(x))
+
+
+@register("Shrink")
+def _shrink(op, x):
+    lambd, bias = _attr(op, "lambd", 0.5), _attr(op, "bias", 0.0)
+    return torch.where(x < -lambd, x + bias, torch.where(x > lambd, x - bias, torch.zeros_like(x))).to(x.dtype)
 
 
 @register("Softplus")

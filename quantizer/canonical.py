@@ -102,6 +102,35 @@ class FGelu(torch.nn.Module):
         return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
+class FTable(torch.nn.Module):
+    """An elementwise function of one activation, ``fn`` (``quantizer/elementwise.py`` extracts it).
+
+    ``fn`` is a GraphModule of the ONNX nodes it fused (one input, one
+    output); its constants are scalars, or vary along one axis only:
+    ``channels`` of them along ``axis`` (negative, from the last), else
+    ``channels`` is 1.  ``ops`` lists the fused op types, for reports.
+    """
+
+    def __init__(self, fn: torch.nn.Module, channels: int = 1, axis: int = -1, ops: tuple[str, ...] = ()):
+        super().__init__()
+        self.fn = fn
+        self.channels, self.axis, self.ops = int(channels), int(axis), tuple(ops)
+
+    def forward(self, x):
+        out = self.fn(x)
+        return out[0] if isinstance(out, tuple) else out
+
+    def extra_repr(self) -> str:
+        return f"{' -> '.join(self.ops)}, channels={self.channels}, axis={self.axis}"
+
+
+class FMul(torch.nn.Module):
+    """Elementwise product of two tensors (a gate onto an activation); one may be a constant."""
+
+    def forward(self, a, b):
+        return a * b
+
+
 class FLayerNorm(torch.nn.Module):
     """LayerNorm over the last axis with affine gamma/beta."""
 
@@ -167,4 +196,6 @@ CANONICAL_TYPES = (
     FLayerNorm,
     FClamp,
     FAvgPool,
+    FTable,
+    FMul,
 )

@@ -30,6 +30,13 @@ Rules, applied in this order (each rewrites every match and reports a count):
    parameters whose input is an ``FConv2d`` used only by it → folded into
    the conv: with ``k = gamma / sqrt(var + eps)``, ``W' = W * k[o]``,
    ``b' = (b - mean) * k + beta`` (float64, stored float32).
+8b. ``fold_channel_scale`` (``quantizer/multiply.py``): a ``Mul``/``Div``
+   of a linear or conv output by a constant per output channel (LayerScale)
+   → folded into its weights and bias.
+8c. ``elementwise`` (``quantizer/elementwise.py``): a non-linear function of
+   one activation (Sigmoid, HardSwish, SiLU ``x * sigmoid(x)``, Tanh, Exp,
+   Erf, LeakyRelu, PRelu, the tanh GELU, ...) → ``FTable`` (an int8 lookup
+   table).
 9. ``clamp``: ``Relu``, ``Clip`` with constant (or absent) bounds (ReLU6)
    → ``FClamp(lo, hi)``; a clamp that only feeds another is merged into it.
 10. ``avg_pool``: ``AveragePool`` (2-D, ``count_include_pad=1`` or no
@@ -42,6 +49,8 @@ Rules, applied in this order (each rewrites every match and reports a count):
     constant → ``FScale``.
 13. ``softmax``: ``Softmax`` over the last axis → ``FSoftmax``.
 14. ``add``: ``Add`` of two float tensors → ``FAdd``.
+15. ``mul`` (``quantizer/multiply.py``): any other ``Mul`` of float tensors
+    (a squeeze-and-excitation gate onto its activation) → ``FMul``.
 
 A rule leaves the graph unchanged where its guard fails (a non-constant
 weight, a softmax over another axis); the converter then reports the node as
@@ -73,6 +82,7 @@ from intq.quantizer.canonical import (
     FScale,
     FSoftmax,
 )
+from intq.quantizer.elementwise import elementwise
 from intq.quantizer.fx_graph import (
     ModuleNamer,
     add_constant,
@@ -87,6 +97,7 @@ from intq.quantizer.fx_graph import (
     replace_with_module,
     scalar_const,
 )
+from intq.quantizer.multiply import fold_channel_scale, mul
 
 # ---------------------------------------------------------------- rules
 
@@ -249,6 +260,8 @@ def gelu(gm) -> int:
     count = 0
     for node in list(gm.graph.nodes):
         op = onnx_op(gm, node, "Gelu")
+        if op is not None and op.attrs.get("approximate", "none") != "none":
+            continue  # the tanh form is another function: the elementwise rule makes it a table
         if op is not None:
             replace_with_module(gm, node, FGelu(), (node.args[0],), node.name)
             count += 1
@@ -578,12 +591,15 @@ RULES = (
     conv,
     fold_pad,
     batch_norm,
+    fold_channel_scale,
+    elementwise,
     clamp,
     avg_pool,
     matmul,
     scale,
     softmax,
     add,
+    mul,
 )
 
 

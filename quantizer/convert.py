@@ -34,6 +34,9 @@ FMasked-       MaskedShiftmax(x, Unsqueeze(mask)): the     a8, 1/128
 Softmax        attention mask's integers, unchanged
 FGelu          ShiftGELU                                   a8
 FLayerNorm     ILayerNorm                                  a8
+FTable         IntLookup: the function at the 256 int8     a8 (>= 0:
+               grid points, per channel if it varies       unsigned)
+FMul           IntMul: int8 x int8, one dyadic requantize  a8
 FAdd           IntAdd; a 4-D add whose only user is a      r16 (a8)
                clamp (HAWQV3 residual + ReLU): IntAdd
                with the clamp's range, int8
@@ -80,16 +83,20 @@ from intq.quantizer.canonical import (
     FLinear,
     FMaskedSoftmax,
     FMatMul,
+    FMul,
     FScale,
     FSoftmax,
+    FTable,
 )
 from intq.quantizer.ops.add import IntAdd
 from intq.quantizer.ops.base import ONNX_OPSET, activation_range
 from intq.quantizer.ops.boundary import Dequantize, Quantize
 from intq.quantizer.ops.conv import IntConv2d
 from intq.quantizer.ops.layernorm import ILayerNorm
-from intq.quantizer.ops.linear import IntLinear, IntLinear16, IntLinearAcc
+from intq.quantizer.ops.linear import ACC_LIMIT, INT8_PRODUCT_MAX, MAX_K, IntLinear, IntLinear16, IntLinearAcc
+from intq.quantizer.ops.lookup import IntLookup, table_values
 from intq.quantizer.ops.matmul import IntMatMul, IntMatMulAcc
+from intq.quantizer.ops.mul import IntMul
 from intq.quantizer.ops.requantize import Requantize
 from intq.quantizer.ops.shiftgelu import ShiftGELU
 from intq.quantizer.ops.shiftmax import MaskedShiftmax, Shiftmax
@@ -452,6 +459,8 @@ class Converter:
             FScale: self.scale,
             FSoftmax: self.softmax,
             FMaskedSoftmax: self.masked_softmax,
+            FTable: self.table,
+            FMul: self.mul,
             FGelu: self.gelu,
             FLayerNorm: self.layernorm,
             FAdd: self.add,
@@ -465,13 +474,23 @@ class Converter:
         self.env[node] = rule(node, mod, ins)
 
     # ------------------------------------------------------------ rules
-    def _weights(self, w: torch.Tensor, b: torch.Tensor | None, s_x, bits: int = 8):
+    def _weights(self, w: torch.Tensor, b: torch.Tensor | None, s_x, bits: int = 8, where: str = ""):
         """Per-output-channel ``bits``-bit weights of ``W * S_x`` and the int32 bias.
 
         ``S_x`` is the input's scale: a scalar, or one per input channel
         (a LayerNorm output); folding it into the weights first makes the
         accumulator's scale ``S_acc[n] = max_k |W[n,k] S_x[k]| / q_w``,
         ``q_w = 2**(bits-1) - 1`` (the weights lie in ``[-q_w, q_w]``).
+
+        Bias floor: the int32 accumulator holds ``sum_k x w + b`` with
+        ``|sum_k x w| <= K * 2**14``, so the bias gets what is left,
+        ``B = 2**31 - 2 - K * 2**14``, and ``S_acc[n] >= |b[n]| / B``.  A
+        near-dead channel (a BatchNorm gain ~ 0 folded in: weights ~ 0, bias
+        not) then keeps its bias exactly as a real value (``b_q * S_acc ~ b``)
+        and its weights round to ~0, as they are; without the floor its bias
+        would saturate at ``2**31``.  onnxruntime's quantizer raises weight
+        scales for the int32 bias for the same reason.  A channel that is 0
+        in weights and bias keeps ``S_acc = 1e-30 / q_w`` and computes 0.
         """
         q_w = (1 << (bits - 1)) - 1
         w = w.double()
@@ -481,14 +500,23 @@ class Converter:
         else:
             w = w * float(s_x)
         axes = tuple(range(1, w.dim()))
-        amax = w.abs().amax(dim=axes).clamp_min(1e-30)
-        acc_scale = amax / q_w
+        acc_scale = w.abs().amax(dim=axes).clamp_min(1e-30) / q_w
+        if b is not None:
+            k = w[0].numel()
+            budget = ACC_LIMIT - 2 - k * INT8_PRODUCT_MAX
+            if budget <= 0:
+                raise UnsupportedModelError(
+                    f"layer {where!r}: its reduction length K = {k} (input channels x kernel) leaves no room for a "
+                    f"bias in the int32 accumulator (K * 128 * 128 >= 2**31); K must stay below {MAX_K}. Split the "
+                    "layer into smaller ones, or keep it outside the quantized model."
+                )
+            acc_scale = torch.maximum(acc_scale, b.double().abs() / budget)
         shape = (-1,) + (1,) * (w.dim() - 1)
         w_q = torch.round(w / acc_scale.reshape(shape)).clamp(-q_w, q_w).to(torch.int8)
         if b is None:
             b_q = torch.zeros(w.shape[0], dtype=torch.int32)
         else:
-            b_q = torch.round(b.double() / acc_scale).clamp(-(2**31), 2**31 - 1).to(torch.int32)
+            b_q = torch.round(b.double() / acc_scale).to(torch.int32)  # |b_q| <= budget + 1/2 by the floor
         return w_q.numpy(), b_q.numpy(), acc_scale.numpy()
 
     def _feeds_only_adds(self, node) -> bool:
@@ -500,7 +528,7 @@ class Converter:
     def linear(self, node, mod: FLinear, ins):
         bits = self.layer_bits[node]
         x = self.as_a8(ins[0], node.args[0], node.name + "_in", allow_channel=bits == 8)
-        w, b, acc_scale = self._weights(mod.weight, mod.bias, x.scale, bits)
+        w, b, acc_scale = self._weights(mod.weight, mod.bias, x.scale, bits, self.source_name(node))
         source = self.source_name(node)
         if self._feeds_only_outputs(node):
             out = self.module(node.name, IntLinearAcc(w, b, weight_bits=bits), (x.node,))
@@ -520,7 +548,7 @@ class Converter:
     def conv(self, node, mod: FConv2d, ins):
         bits = self.layer_bits[node]
         x = self.as_a8(ins[0], node.args[0], node.name + "_in")
-        w, b, acc_scale = self._weights(mod.weight, mod.bias, x.scale, bits)
+        w, b, acc_scale = self._weights(mod.weight, mod.bias, x.scale, bits, self.source_name(node))
         s_out, lo, hi = self.requant_target(node)
         op = IntConv2d(
             w, b, acc_scale / s_out, mod.stride, mod.pads, mod.dilation, mod.groups, lo, hi, weight_bits=bits
@@ -640,6 +668,53 @@ class Converter:
             LayerRecord(node.name, "Shiftmax", self.source_name(node), 8, float(x.scale), Shiftmax.output_scale)
         )
         return QVal("a8", out, Shiftmax.output_scale)
+
+    def table(self, node, mod: FTable, ins):
+        """``IntLookup``: ``mod`` evaluated at the 256 grid points of the int8 input, per channel if it varies.
+
+        The output range is unsigned where the function is >= 0 at every grid point (a sigmoid, a gate), so
+        its step is half as large.
+        """
+        x = self.as_a8(ins[0], node.args[0], node.name + "_in")
+        rank = len(node.meta.get("shape") or ())
+        with torch.no_grad():
+            values = table_values(mod, float(x.scale), mod.channels, mod.axis, max(rank, 1))
+        finite = values[torch.isfinite(values)]
+        unsigned = finite.numel() > 0 and bool((finite >= 0).all())
+        lo, hi = activation_range(self.bits_of(node), unsigned)
+        s_out = self.act_scale(node, lo, hi)
+        op = IntLookup.from_values(values, s_out, lo, hi, mod.axis, max(rank, 1))
+        out = self.module(node.name, op, (x.node,))
+        self.layers.append(
+            LayerRecord(node.name, "IntLookup", self.source_name(node), self.bits_of(node), x.scale, s_out, (lo, hi))
+        )
+        return QVal("a8", out, s_out, lo=lo, hi=hi)
+
+    def mul(self, node, mod: FMul, ins):
+        """``IntMul``: both operands int8 (a constant quantized at its own scale), one dyadic requantize."""
+        operands = []
+        for i, qv in enumerate(ins):
+            if qv.kind in ("const", "cchain"):
+                s_c = self.const_amax(qv) / Q8
+                operands.append(QVal("a8", self.quantize_const(qv, s_c, 8, f"{node.name}_c{i}"), s_c))
+            elif qv.quantized:
+                operands.append(self.as_a8(qv, node.args[i], f"{node.name}_in{i}"))
+            else:
+                self.unsupported.append((self.source_name(node), "Mul", f"multiplying a {qv.kind} value"))
+                return QVal("bad")
+        a, b = operands
+        if self.fusable_clamp(node) is None and a.lo >= 0 and b.lo >= 0:
+            lo, hi = activation_range(self.bits_of(node), True)  # a product of two non-negative values
+            s_out = self.act_scale(node, lo, hi)
+        else:
+            s_out, lo, hi = self.requant_target(node)
+        out = self.module(node.name, IntMul(float(a.scale) * float(b.scale) / s_out, lo, hi), (a.node, b.node))
+        self.layers.append(
+            LayerRecord(
+                node.name, "IntMul", self.source_name(node), self.bits_of(node), [a.scale, b.scale], s_out, (lo, hi)
+            )
+        )
+        return QVal("a8", out, s_out, lo=lo, hi=hi)
 
     def masked_softmax(self, node, mod: FMaskedSoftmax, ins):
         """``MaskedShiftmax(x, keep)`` with ``keep`` the mask input unsqueezed to ``[B, 1, ..., 1, L]``."""

@@ -18,6 +18,10 @@ import numpy as np
 import torch
 
 BINS = 2048
+#: the clip of a value that is 0 on every calibration sample (a dead ReLU, an all-zero input channel): any
+#: scale represents 0 exactly, and 1 keeps the dyadic ratios into and out of it in range for activations of
+#: the usual size (a tiny clip would make the producer's requantize ratio overflow 2**23)
+DEAD_CLIP = 1.0
 
 
 class MagnitudeObserver:
@@ -59,9 +63,9 @@ class MagnitudeObserver:
         self.hist += torch.histc(mag, bins=BINS, min=0.0, max=self.top).double().numpy()
 
     def clip(self, method: str, qmax: int, percentile: float = 99.99) -> float:
-        """The clipping magnitude chosen by ``method`` (always > 0)."""
+        """The clipping magnitude chosen by ``method`` (always > 0; ``DEAD_CLIP`` for a value never nonzero)."""
         if self.amax == 0.0:
-            return 1e-8
+            return DEAD_CLIP
         if method == "minmax":
             return self.amax
         edges = np.linspace(0.0, self.top, BINS + 1)[1:]

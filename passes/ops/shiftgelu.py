@@ -24,7 +24,8 @@ and the kernel becomes a gather::
     T[v + 128] = ShiftGELU(v) for v in [-128, 127]      (int8[256], a relax constant)
     y          = T[int32(x) + 128]
 
-The kernel (block ``lookup``, params ``x``, ``T``, ``y``) replaces a
+The kernel (``passes/ops/lookup.py``'s ``lookup_te``: block ``lookup``,
+params ``x``, ``T``, ``y``) replaces a
 per-element 64-bit division with one byte load; it carries the same
 ``intq.op`` tag and immediates.  The table path needs the formula to be
 defined for every int8 ``x``: ``1 <= s <= 62`` and ``|128 * 127 * m| +
@@ -50,12 +51,13 @@ from intq.passes.ops.base import (
     read_param,
     static_shape,
 )
+from intq.passes.ops.lookup import OFFSET as TABLE_OFFSET
+from intq.passes.ops.lookup import lookup_te
 from intq.passes.ops.shift_exp import EXP_BITS, MAX_DIVISOR, check_divisor, shift_exp
 from intq.passes.ops.shiftmax import NORM_SHIFT, OUT_SHIFT, normalize, row_factor
 
 QMIN, QMAX = -128, 127
 INPUT_DTYPES = ("int8", "int16")
-TABLE_OFFSET = 128  # T[x + 128]: the table's index of int8 x
 MAX_PRODUCT = 128 * 127  # max |x * sig| for an int8 x, sig in [0, 127]
 MIN_SHIFT, MAX_SHIFT = 1, 62  # s, as quantizer.ops.dyadic makes it
 
@@ -119,10 +121,6 @@ def _shift_exp(t: np.ndarray, D: int) -> np.ndarray:
     return (D64 - ((neg - q * D64) >> 1)) << (EXP_BITS - q)
 
 
-def shiftgelu_lookup_te(x: te.Tensor, table: te.Tensor) -> te.Tensor:
-    return te.compute(x.shape, lambda *i: table[x[i].astype("int32") + TABLE_OFFSET], name="lookup")
-
-
 class ShiftGELU(IntqConverter):
     op_type = "ShiftGELU"
     inputs = ("x", "D", "m", "s")
@@ -144,7 +142,9 @@ class ShiftGELU(IntqConverter):
         if dtype_of(x) == "int8" and all(isinstance(v, int) for v in params.values()) and table_applies(**params):
             table = relax.const(shiftgelu_table(**params), "int8")
             attrs = kernel_attrs(cls.op_type, **params)  # the params the table was built from
-            return bb.call_te(shiftgelu_lookup_te, x, table, primfunc_name_hint="intq_shiftgelu", primfunc_attrs=attrs)
+            return bb.call_te(
+                lookup_te, x, table, TABLE_OFFSET, primfunc_name_hint="intq_shiftgelu", primfunc_attrs=attrs
+            )
         return bb.call_te(
             shiftgelu_te,
             x,

@@ -106,7 +106,9 @@ def _register_row_and_attention_schedules() -> None:
             "MaskedShiftmax": schedule_with(rows.schedule_shiftmax),  # the same blocks, the mask read in them
             "ILayerNorm": schedule_with(rows.schedule_layernorm),
             "ShiftGELU": rows.schedule_shiftgelu_kernel,  # needs the target: the table gather by AVX-512 VBMI
+            "IntLookup": rows.schedule_shiftgelu_kernel,  # the same table kernel
             "IntAdd": schedule_with(rows.schedule_add),
+            "IntMul": schedule_with(rows.schedule_mul),
             "Requantize": schedule_with(rows.schedule_requantize),
             "IntMatMul": batch_matmul.schedule_matmul,  # needs the target: the x86 plan by its dot instruction
             "IntMatMulAcc": batch_matmul.schedule_matmul,
@@ -152,7 +154,9 @@ def _register_cuda_schedules() -> None:
             "MaskedShiftmax": gpu(cuda_rows.schedule_shiftmax),
             "ILayerNorm": gpu(cuda_rows.schedule_layernorm),
             "ShiftGELU": elementwise,
+            "IntLookup": elementwise,
             "IntAdd": elementwise,
+            "IntMul": elementwise,
             "Requantize": elementwise,
             "IntMatMul": cuda_int8.schedule_matmul,
             "IntMatMulAcc": cuda_int8.schedule_matmul,

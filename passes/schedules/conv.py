@@ -175,6 +175,17 @@ class ConvGemm:
     offset: int = 0  # VNNI_OFFSET: x_t holds x + 128 as uint8 for vpdpbusd; 0: int8 x for the AVX2 dot
 
 
+def _output_pixels(x_shape: tuple, kernel: tuple[int, int], config) -> int | None:
+    """``Ho * Wo`` of the conv where the input's H and W are static, else None."""
+    height, width = x_shape[2], x_shape[3]
+    if height is None or width is None:
+        return None
+    top, left, bottom, right = config.pads
+    ho = (height + top + bottom - config.dilation[0] * (kernel[0] - 1) - 1) // config.stride[0] + 1
+    wo = (width + left + right - config.dilation[1] * (kernel[1] - 1) - 1) // config.stride[1] + 1
+    return ho * wo
+
+
 def _static_dims(shape) -> tuple:
     return tuple(int(d) if isinstance(d, tirx.IntImm) else None for d in shape)
 
@@ -347,6 +358,9 @@ def match_conv(func: tirx.PrimFunc, vnni: bool = False) -> ConvGemm | str:
         return f"a grouped convolution (groups={config.groups}) is left to the direct schedule"
     x, w = func.params[0], func.params[1]
     out_channels, channels, kh, kw = (int(d) for d in w.ty.shape)
+    if _output_pixels(_static_dims(x.ty.shape), (kh, kw), config) == 1:
+        # a squeeze-and-excitation fc on a pooled [B, C, 1, 1]: one pixel leaves the row tiles nothing to span
+        return "a single output pixel (a matrix-vector product) is left to the direct schedule"
     params = _params_of(func)
     offset = VNNI_OFFSET if vnni and channels * kh * kw <= MAX_OFFSET_K else 0
     return ConvGemm(

@@ -12,6 +12,8 @@ function                 blocks (dataflow order; the output block last)         
                          ``isqrt_24``, ``factor``, ``layernorm``
 ``schedule_shiftgelu``   ``shiftgelu`` (formula) or ``lookup`` (int8 table)          ``ShiftGELU``
 ``schedule_add``         ``add``                                                     ``IntAdd``
+``schedule_mul``         ``mul``                                                     ``IntMul``
+``schedule_shiftgelu``   ``lookup`` (``passes/ops/lookup.py``)                       ``IntLookup``
 ``schedule_requantize``  ``requantize``                                              ``Requantize``
 =======================  ==========================================================  ===============
 
@@ -105,6 +107,7 @@ VECTORIZE = {
     "shiftgelu": {},
     "lookup": {},
     "add": {"add": 16},
+    "mul": {"mul": 16},
     "requantize": {"requantize": 16},
 }
 
@@ -152,17 +155,18 @@ def schedule_shiftgelu(sch: s_tir.Schedule) -> None:
 
 
 def schedule_shiftgelu_kernel(func: tirx.PrimFunc, target: tvm.target.Target) -> tirx.PrimFunc:
-    """The ``SCHEDULES`` entry of ShiftGELU: ``schedule_shiftgelu``, then, for the table kernel on a target
-    with AVX-512 VBMI and a static last axis that is a multiple of 64, its gather by ``vpermi2b``, 64 bytes at
-    a time (see the module docstring); any other last axis stays a loop of byte loads.
+    """The ``SCHEDULES`` entry of ShiftGELU and IntLookup: ``schedule_shiftgelu``, then, for a one-table kernel
+    (offset 128 baked in) on a target with AVX-512 VBMI and a static last axis that is a multiple of 64, its
+    gather by ``vpermi2b``, 64 bytes at a time (see the module docstring); any other last axis, and a kernel
+    with one table per channel, stays a loop of byte loads.
     """
     sch = s_tir.Schedule(func)
     schedule_shiftgelu(sch)
     out = sch.mod["main"]
-    if is_lookup(sch) and has_vbmi(target):
+    if is_lookup(sch) and len(func.params) == 3 and has_vbmi(target):
         block = _blockize_lanes(sch, LOOKUP_BLOCK, VBMI_LANES)
         if block is not None:
-            x, table, y = (p.name for p in func.params)  # shiftgelu_lookup_te's order
+            x, table, y = (p.name for p in func.params)  # lookup_te's order, the offset an immediate
             out = compat.tensorize(sch.mod["main"], block, vbmi_lookup_impl(), {"X": x, "Tab": table, "Y": y})
     return out if "global_symbol" in (func.attrs or {}) else out.without_attr("global_symbol")
 
@@ -207,6 +211,11 @@ def vbmi_lookup_impl() -> tirx.PrimFunc:
 def schedule_add(sch: s_tir.Schedule) -> None:
     """Rows in parallel; a static last axis vectorized by 16 lanes."""
     _schedule_elementwise(sch, "add")
+
+
+def schedule_mul(sch: s_tir.Schedule) -> None:
+    """Rows in parallel; a static last axis vectorized by 16 lanes."""
+    _schedule_elementwise(sch, "mul")
 
 
 def schedule_requantize(sch: s_tir.Schedule) -> None:

@@ -491,6 +491,21 @@ CASES = [
     Case("Cast", [U64_BIG], {"to": TensorProto.UINT32}, name="u64-u32"),
     Case("Cast", [ints([2**32 - 1, 7], np.uint32)], {"to": TensorProto.INT32}, name="u32-i32"),
     Case("Cast", [U64_BIG], {"to": TensorProto.DOUBLE}, name="u64-f64"),
+    # ---- more elementwise functions (fixed inputs: no draws from RNG, so the cases above keep their data)
+    Case("Tan", [np.linspace(-1.4, 1.4, 24, dtype=np.float32).reshape(2, 3, 4)]),
+    Case("Asin", [np.linspace(-1, 1, 24, dtype=np.float32).reshape(2, 3, 4)]),
+    Case("Acos", [np.linspace(-1, 1, 24, dtype=np.float32).reshape(2, 3, 4)]),
+    Case("Atan", [np.linspace(-9, 9, 24, dtype=np.float32).reshape(2, 3, 4)]),
+    Case("Sinh", [np.linspace(-4, 4, 24, dtype=np.float32).reshape(2, 3, 4)]),
+    Case("Cosh", [np.linspace(-4, 4, 24, dtype=np.float32).reshape(2, 3, 4)]),
+    Case("Asinh", [np.linspace(-9, 9, 24, dtype=np.float32).reshape(2, 3, 4)]),
+    Case("Acosh", [np.linspace(1, 9, 24, dtype=np.float32).reshape(2, 3, 4)]),
+    Case("Atanh", [np.linspace(-0.95, 0.95, 24, dtype=np.float32).reshape(2, 3, 4)]),
+    Case("Softsign", [np.linspace(-9, 9, 24, dtype=np.float32).reshape(2, 3, 4)]),
+    Case("Mish", [np.linspace(-6, 6, 24, dtype=np.float32).reshape(2, 3, 4)]),
+    Case("Celu", [np.linspace(-6, 6, 24, dtype=np.float32).reshape(2, 3, 4)], {"alpha": 0.7}),
+    Case("ThresholdedRelu", [np.linspace(-3, 3, 24, dtype=np.float32).reshape(2, 3, 4)], {"alpha": 0.5}),
+    Case("Shrink", [np.linspace(-3, 3, 24, dtype=np.float32).reshape(2, 3, 4)], {"lambd": 0.7, "bias": 0.2}),
 ]
 
 
