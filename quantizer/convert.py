@@ -372,8 +372,10 @@ class Converter:
             lines = "\n".join(f"  - node {n!r}: op {t} ({why})" for n, t, why in self.unsupported)
             raise UnsupportedModelError(
                 f"{len(self.unsupported)} operator(s) cannot run in integer arithmetic:\n{lines}\n"
-                "intq supports Linear/MatMul/Gemm, Conv (with BatchNorm and zero Pad folded in), Relu/Clip, "
-                "MaxPool, AveragePool/GlobalAveragePool, Softmax, GELU, LayerNorm, residual Add, Concat, scaling "
+                "intq supports Linear/MatMul/Gemm, Conv (with BatchNorm, zero Pad and per-channel scales folded "
+                "in), Relu/Clip, MaxPool, AveragePool/GlobalAveragePool, Softmax (with a padding attention mask), "
+                "GELU, LayerNorm, any elementwise function of one activation (Sigmoid, HardSwish, SiLU, Tanh, Exp, "
+                "Erf, LeakyRelu, PRelu, ...: a lookup table), products and sums of activations, Concat, scaling "
                 "by a constant and shape-only ops between the input and the output. Re-export the model without "
                 "these ops, or keep them outside the quantized region."
             )

@@ -335,30 +335,55 @@ def test_unreadable_ops_are_all_named(tmp_path, capsys):
     refused(capsys, out, [model, "--calib", "random", "-o", out], *words)
 
 
-@pytest.fixture()
-def sin_model(tmp_path) -> Path:
-    """``Sin`` between two MatMuls: readable (the reader runs it), not quantizable."""
-    assert "Sin" in IMPLS
+def _between_matmuls(tmp_path, op: str, name: str) -> Path:
     nodes = [
         helper.make_node("MatMul", ["x", "w1"], ["a"], name="mm1"),
-        helper.make_node("Sin", ["a"], ["s"], name="wave"),
+        helper.make_node(op, ["a"], ["s"], name=name),
         helper.make_node("MatMul", ["s", "w2"], ["y"], name="mm2"),
     ]
-    path = tmp_path / "sin.onnx"
+    path = tmp_path / f"{op}.onnx"
     onnx.save(_graph_model(nodes, [_weights("w1", 8, 8, 1), _weights("w2", 8, 8, 2)]), path)
     return path
 
 
-def test_float_op_that_cannot_be_quantized(sin_model, tmp_path, capsys):
-    out = tmp_path / "out"
-    calib = _npz(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32))
-    refused(capsys, out, [sin_model, "--calib", calib, "-o", out], "Sin", "integer")
+@pytest.fixture()
+def cumulative_model(tmp_path) -> Path:
+    """A row reduction between two MatMuls, ``ReduceMax`` over the features: readable (the reader runs it) but
+    not quantizable (not elementwise, not a pooling)."""
+    assert "ReduceMax" in IMPLS
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["a"], name="mm1"),
+        helper.make_node("ReduceMax", ["a", "last"], ["m"], name="wave", keepdims=1),
+        helper.make_node("Sub", ["a", "m"], ["s"], name="centre"),
+        helper.make_node("MatMul", ["s", "w2"], ["y"], name="mm2"),
+    ]
+    path = tmp_path / "reducemax.onnx"
+    last = numpy_helper.from_array(np.array([-1], np.int64), "last")
+    onnx.save(_graph_model(nodes, [_weights("w1", 8, 8, 1), _weights("w2", 8, 8, 2), last]), path)
+    return path
 
 
-def test_float_op_that_cannot_be_quantized_names_the_onnx_node(sin_model, tmp_path, capsys):
+def test_float_op_that_cannot_be_quantized(cumulative_model, tmp_path, capsys):
     out = tmp_path / "out"
     calib = _npz(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32))
-    refused(capsys, out, [sin_model, "--calib", calib, "-o", out], "'wave'")
+    refused(capsys, out, [cumulative_model, "--calib", calib, "-o", out], "ReduceMax", "integer")
+
+
+def test_float_op_that_cannot_be_quantized_names_the_onnx_node(cumulative_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    calib = _npz(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32))
+    refused(capsys, out, [cumulative_model, "--calib", calib, "-o", out], "'wave'")
+
+
+def test_an_elementwise_function_between_matmuls_is_a_table(tmp_path):
+    """``Sin`` between two MatMuls (refused before tables existed): one IntLookup, bit-exact in TVM."""
+    model = _between_matmuls(tmp_path, "Sin", "wave")
+    calib = _npz(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32))
+    out = tmp_path / "out"
+    assert main([str(model), "--calib", str(calib), "-o", str(out), "--quiet"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [layer["op"] for layer in manifest["layers"] if layer["source"] == "wave"] == ["IntLookup"]
+    assert manifest["target"]["check"]["result"] == "bit-exact with onnxruntime"
 
 
 def test_no_calibration_data_points_to_calib_random(vit_onnx, tmp_path, capsys):
