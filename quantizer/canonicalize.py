@@ -94,6 +94,7 @@ from intq.quantizer.fx_graph import (
     onnx_op,
     rank,
     remove_dead,
+    replace_binary,
     replace_with_module,
     scalar_const,
 )
@@ -559,7 +560,14 @@ def softmax(gm) -> int:
     count = 0
     for node in list(gm.graph.nodes):
         op = onnx_op(gm, node, "Softmax")
-        if op is None or not is_last_axis(op.attrs.get("axis", -1), node.args[0]):
+        if op is None:
+            continue
+        if not is_last_axis(op.attrs.get("axis", -1), node.args[0]):
+            _refuse(
+                node,
+                f"a softmax over axis {op.attrs.get('axis', -1)} of a rank-{rank(node.args[0])} tensor; Shiftmax "
+                "normalizes the last axis: transpose the input so that the softmax axis is the last one",
+            )
             continue
         replace_with_module(gm, node, FSoftmax(), (node.args[0],), node.name)
         count += 1
@@ -568,17 +576,7 @@ def softmax(gm) -> int:
 
 
 def add(gm) -> int:
-    count = 0
-    for node in list(gm.graph.nodes):
-        if onnx_op(gm, node, "Add") is None or not is_float(node):
-            continue
-        a, b = node.args
-        if const_value(gm, a) is not None and const_value(gm, b) is not None:
-            continue
-        replace_with_module(gm, node, FAdd(), (a, b), node.name)
-        count += 1
-    remove_dead(gm)
-    return count
+    return replace_binary(gm, "Add", FAdd)
 
 
 RULES = (

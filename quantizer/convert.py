@@ -127,6 +127,24 @@ PASS_THROUGH = (FClamp, FAvgPool, FAdd, FScale)
 PASS_THROUGH_ONNX = MOVEMENT | {"MaxPool", "Concat"}
 
 
+_REDUCTION_HINT = (
+    "a reduction of activations other than a global/average pooling (over H, W) or a LayerNorm's (over the last "
+    "axis) has no integer form here; keep it after the model's output"
+)
+#: why an ONNX op on quantized values is refused, and what to do
+REFUSAL_HINTS = {
+    "Div": "a quotient of two activations has no integer form here (a division by a constant is a scale); "
+    "multiply by a constant instead, or keep the division after the model's output",
+    **{
+        op: _REDUCTION_HINT
+        for op in ("ReduceMax", "ReduceMin", "ReduceSum", "ReduceMean", "ReduceProd", "ReduceL1", "ReduceL2")
+    },
+    "Sub": "a difference of two activations is not supported (their sum is); keep it after the model's output",
+    "Pow": "a power with a non-constant exponent has no integer form here",
+    "Where": "a selection between activations by a condition has no integer form here",
+}
+
+
 class UnsupportedModelError(ValueError):
     """The model contains operators that intq cannot run in integer arithmetic."""
 
@@ -837,6 +855,8 @@ class Converter:
                 base = data.const if data.kind == "const" else data.replay_base
                 return QVal("cchain", replay=list(data.replay) + [(name, args)], replay_base=base)
         why = "float arithmetic inside the quantized region" if any(q.quantized for q in qvals) else "unsupported here"
+        if any(q.quantized for q in qvals) and mod.op_type in REFUSAL_HINTS:
+            why = f"{why}: {REFUSAL_HINTS[mod.op_type]}"
         why = node.meta.get("refused") or why
         self.unsupported.append((self.source_name(node), mod.op_type, why))
         return QVal("bad")

@@ -124,3 +124,18 @@ def annotate(gm: fx.GraphModule, example_inputs) -> None:
 
     with torch.no_grad():
         _Rec(gm).run(*example_inputs)
+
+
+def replace_binary(gm: fx.GraphModule, op_type: str, make) -> int:
+    """Replace every float ``op_type`` node of two inputs, not both constant, by ``make()``; how many."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if onnx_op(gm, node, op_type) is None or not is_float(node):
+            continue
+        a, b = node.args
+        if const_value(gm, a) is not None and const_value(gm, b) is not None:
+            continue
+        replace_with_module(gm, node, make(), (a, b), node.name)
+        count += 1
+    remove_dead(gm)
+    return count

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from intq.quantizer.canonical import FConv2d, FLinear, FMul
-from intq.quantizer.fx_graph import const_value, is_float, onnx_op, remove_dead, replace_with_module
+from intq.quantizer.fx_graph import const_value, is_float, onnx_op, remove_dead, replace_binary
 
 
 def _layer(gm, node):
@@ -77,14 +77,4 @@ def fold_channel_scale(gm: fx.GraphModule) -> int:
 
 
 def mul(gm: fx.GraphModule) -> int:
-    count = 0
-    for node in list(gm.graph.nodes):
-        if onnx_op(gm, node, "Mul") is None or not is_float(node):
-            continue
-        a, b = node.args
-        if const_value(gm, a) is not None and const_value(gm, b) is not None:
-            continue
-        replace_with_module(gm, node, FMul(), (a, b), node.name)
-        count += 1
-    remove_dead(gm)
-    return count
+    return replace_binary(gm, "Mul", FMul)

@@ -83,6 +83,22 @@ def shiftmax_te(x: te.Tensor, D: Operand) -> te.Tensor:
     return te.compute(x.shape, lambda *i: normalize(e[i], factor[i[:-1]]).astype("int8"), name="shiftmax")
 
 
+def check_scores(cls, node: str, x: relax.Expr, D: relax.Expr) -> Operand:
+    """Refuse scores ``x`` or a divisor ``D`` outside the spec's bounds; ``D`` as an immediate or a buffer."""
+    if dtype_of(x) not in INPUT_DTYPES:
+        raise cls.fail(node, f"x must be int8/16/32/64 or uint8/16/32, got {dtype_of(x)}")
+    shape = static_shape(x)
+    if not shape:
+        raise cls.fail(node, "x must have at least one axis (the softmax runs over the last one)")
+    D = param_operand(D)
+    if isinstance(D, int):
+        check_divisor(cls, node, D)
+        check_row_sum(cls, node, shape[-1], D)
+    else:
+        check_trailing_broadcast(cls, node, "D", D, shape)
+    return D
+
+
 def check_row_sum(cls, node: str, length: int | None, D: int) -> None:
     """Refuse a static row length for which ``L * D * 2**15`` reaches ``2**62`` (the row sum would overflow)."""
     if length is not None and length * D << EXP_BITS >= 1 << NORM_SHIFT:
@@ -130,20 +146,9 @@ class Shiftmax(IntqConverter):
 
     @classmethod
     def convert(cls, bb: relax.BlockBuilder, node: str, args: dict[str, relax.Expr]) -> relax.Expr:
-        x = args["x"]
-        if dtype_of(x) not in INPUT_DTYPES:
-            raise cls.fail(node, f"x must be int8/16/32/64 or uint8/16/32, got {dtype_of(x)}")
-        shape = static_shape(x)
-        if not shape:
-            raise cls.fail(node, "x must have at least one axis (the softmax runs over the last one)")
-        D = param_operand(args["D"])
-        if isinstance(D, int):
-            check_divisor(cls, node, D)
-            check_row_sum(cls, node, shape[-1], D)
-        else:
-            check_trailing_broadcast(cls, node, "D", D, shape)
+        D = check_scores(cls, node, args["x"], args["D"])
         return bb.call_te(
-            shiftmax_te, x, D, primfunc_name_hint="intq_shiftmax", primfunc_attrs=kernel_attrs(cls.op_type)
+            shiftmax_te, args["x"], D, primfunc_name_hint="intq_shiftmax", primfunc_attrs=kernel_attrs(cls.op_type)
         )
 
 
@@ -154,13 +159,9 @@ class MaskedShiftmax(IntqConverter):
     @classmethod
     def convert(cls, bb: relax.BlockBuilder, node: str, args: dict[str, relax.Expr]) -> relax.Expr:
         x, keep = args["x"], args["keep"]
-        if dtype_of(x) not in INPUT_DTYPES:
-            raise cls.fail(node, f"x must be int8/16/32/64 or uint8/16/32, got {dtype_of(x)}")
+        D = check_scores(cls, node, x, args["D"])
         if dtype_of(keep) not in KEEP_DTYPES:
             raise cls.fail(node, f"keep must be bool or an integer tensor, got {dtype_of(keep)}")
-        shape = static_shape(x)
-        if not shape:
-            raise cls.fail(node, "x must have at least one axis (the softmax runs over the last one)")
         keep_dims, x_dims = tensor_type(keep).shape.values, tensor_type(x).shape.values
         try:
             out = broadcast_shape(x_dims, keep_dims)
@@ -172,12 +173,6 @@ class MaskedShiftmax(IntqConverter):
         )
         if grows:
             raise cls.fail(node, f"keep {list(keep_dims)} would grow x {list(x_dims)}; it must broadcast onto x")
-        D = param_operand(args["D"])
-        if isinstance(D, int):
-            check_divisor(cls, node, D)
-            check_row_sum(cls, node, shape[-1], D)
-        else:
-            check_trailing_broadcast(cls, node, "D", D, shape)
         return bb.call_te(
             masked_shiftmax_te,
             x,

@@ -172,3 +172,30 @@ def test_the_integer_model_equals_onnxruntime_and_follows_the_float_one(module):
         want = float_model(x).numpy()
     cos = float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
     assert cos > 0.99, cos
+
+
+class Refused(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.a, self.b, self.kind = nn.Linear(8, 8), nn.Linear(8, 8), kind
+
+    def forward(self, x):
+        if self.kind == "div":
+            return self.a(x) / (self.b(x).abs() + 1)
+        return torch.softmax(self.a(x), dim=0)
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("div", r"node '/Div': op Div \(.*a quotient of two activations has no integer form"),
+        ("softmax", r"node '/Softmax': op Softmax \(a softmax over axis 0 of a rank-2 tensor; .*transpose"),
+    ],
+)
+def test_what_stays_unsupported_is_refused_with_the_node_and_what_to_do(kind, message):
+    from intq.quantizer.convert import UnsupportedModelError
+
+    x = torch.randn(4, 8)
+    model = export(Refused(kind), x, "legacy")
+    with pytest.raises(UnsupportedModelError, match=message):
+        intq.quantize(model, [x], progress=False)
