@@ -155,3 +155,23 @@ def test_a_mask_that_is_not_a_padding_mask_is_refused_with_the_reason(weak, reas
     assert canonicalize(gm, (ids, mask))["attention_mask"] == 0
     with pytest.raises(UnsupportedModelError, match=reason):
         intq.quantize(model, [(ids, mask)], progress=False)
+
+
+def test_calibration_does_not_see_the_padding(exported):
+    """What the [PAD] positions hold changes no clip of a per-token value (hidden states, FFN activations)."""
+    from intq.quantizer.calibrate import calibrate
+
+    gm = capture(exported)
+    ids, mask, types = batch(4, 8, 1)
+    canonicalize(gm, (ids, mask, types))
+    other = ids.clone()
+    other[mask == 0] = 63  # another token at every padded position
+    seen = calibrate(gm, [(ids, mask, types)], progress=False)
+    seen_other = calibrate(gm, [(other, mask, types)], progress=False)
+    per_token = [n.name for n in gm.graph.nodes if tuple(n.meta.get("shape", ()))[:2] == (4, 8)]
+    assert len(per_token) > 10
+    for name in per_token:
+        if name in seen:
+            assert seen[name].amax == seen_other[name].amax, name
+    scores = [n for n in gm.graph.nodes if len(n.meta.get("shape", ())) == 4 and n.name in seen]
+    assert any(seen[n.name].amax != seen_other[n.name].amax for n in scores)  # the whole scores are observed
