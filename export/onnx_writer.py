@@ -9,7 +9,9 @@
   initializer ``<layer>.<param>.int4`` and a ``Cast`` to INT8 in the main
   graph, see ``quantizer.ops.onnx_fn.param_inputs``);
 - ``Quantize`` / ``Dequantize`` become ``QuantizeLinear`` /
-  ``DequantizeLinear``, the only float ops, at the graph's edges.
+  ``DequantizeLinear``, the only float ops, at the graph's edges; the
+  quantizer is preceded by ``IsNaN -> Where`` (NaN -> 0, see
+  ``quantizer.ops.boundary``), on the float side.
 
 With ``integer_outputs=True`` the output dequantizers are left out and the
 graph returns the integers themselves (for bit-exact comparisons).
@@ -116,9 +118,16 @@ def write_onnx(
                 s_name, z_name = f"{node.target}.scale", f"{node.target}.zero_point"
                 inits[s_name] = numpy_helper.from_array(p["scale"], name=s_name)
                 inits[z_name] = numpy_helper.from_array(p["zero_point"], name=z_name)
+                # NaN -> 0 before the quantizer (QuantizeLinear leaves NaN unspecified); +-Inf saturate in it
+                fill_name, isnan, filled = f"{node.target}.nan_fill", f"{out}__isnan", f"{out}__nan_to_zero"
+                inits[fill_name] = numpy_helper.from_array(np.array(0.0, dtype=np.float32), name=fill_name)
+                nodes.append(helper.make_node("IsNaN", [name_of(node.args[0])], [isnan], name=f"{node.target}.isnan"))
                 nodes.append(
-                    helper.make_node("QuantizeLinear", [name_of(node.args[0]), s_name, z_name], [out], name=node.target)
+                    helper.make_node(
+                        "Where", [isnan, fill_name, name_of(node.args[0])], [filled], name=f"{node.target}.nan_to_zero"
+                    )
                 )
+                nodes.append(helper.make_node("QuantizeLinear", [filled, s_name, z_name], [out], name=node.target))
             elif isinstance(mod, Dequantize):
                 if integer_outputs:
                     names[node] = names[node.args[0]]
