@@ -1,7 +1,8 @@
 """Compile a Relax module and run it on the Relax VM, with dynamic shapes.
 
 ``build(mod, target)`` runs TVM's default Relax pipeline (legalize, lower
-``call_te`` / ``call_tir`` PrimFuncs, VM codegen) and links the library;
+``call_te`` / ``call_tir`` PrimFuncs, VM codegen) and links the library,
+with each kernel's run-time checks (``passes/runtime_checks.py``);
 the PrimFuncs carry no schedule yet, which is correct but slow.
 ``run(runnable, feeds)`` feeds numpy arrays by the ONNX graph input names
 (kept by ``import_onnx``; else the names of ``main``'s parameters) and returns numpy arrays, one per
@@ -17,6 +18,7 @@ import numpy as np
 
 from intq.passes import compat
 from intq.passes.onnx_import import INPUT_NAMES_ATTR
+from intq.passes.runtime_checks import InsertRuntimeChecks
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ def build(mod: compat.tvm.IRModule, target: str | Mapping | compat.tvm.target.Ta
     if "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
         raise ValueError("build: the module has no 'main' function; import a model with onnx_import.import_onnx")
     tgt = compat.make_target(target)
-    executable = compat.build(mod, tgt)
+    executable = compat.build(InsertRuntimeChecks(tgt)(mod), tgt)
     device = compat.vm_device(tgt)
     attrs = dict(mod["main"].attrs) if mod["main"].attrs else {}
     names = [p.name for p in mod["main"].params][: int(attrs.get("num_input", len(mod["main"].params)))]

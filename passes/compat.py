@@ -187,23 +187,30 @@ def frontend_convert_map() -> dict[str, type]:
 
 
 @contextlib.contextmanager
-def extended_convert_map(extra: Mapping[str, type]) -> Iterator[None]:
+def extended_convert_map(extra: Mapping[str, type], overrides: Mapping[str, type] | None = None) -> Iterator[None]:
     """Within the block, the ONNX frontend also converts the op types in ``extra``.
 
-    ``extra`` maps an ``op_type`` string to an ``OnnxOpConverter`` subclass.
-    The frontend module's ``_get_convert_map`` is replaced (and restored on
-    exit) under a lock, so concurrent imports in one process do not see each
-    other's half-installed maps.
+    ``extra`` maps an ``op_type`` string to an ``OnnxOpConverter`` subclass;
+    it may not shadow a frontend op type.  ``overrides`` replaces the
+    frontend's converters of the standard op types it names, on purpose
+    (``checked_ops.OVERRIDES``).  The frontend module's ``_get_convert_map``
+    is replaced (and restored on exit) under a lock, so concurrent imports
+    in one process do not see each other's half-installed maps.
     """
+    overrides = dict(overrides or {})
     with _convert_map_lock:
         original = _onnx_frontend._get_convert_map
         clash = set(extra) & set(original())
         if clash:
             raise ValueError(f"converters would shadow the ONNX frontend's own op types: {sorted(clash)}")
+        unknown = set(overrides) - set(original())
+        if unknown:
+            raise ValueError(f"overrides name op types the ONNX frontend does not convert: {sorted(unknown)}")
 
         def _get_convert_map():
             table = original()
             table.update(extra)
+            table.update(overrides)
             return table
 
         _onnx_frontend._get_convert_map = _get_convert_map

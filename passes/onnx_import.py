@@ -48,7 +48,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from intq.passes import compat
+from intq.passes import checked_ops, compat
 from intq.passes.ops import CONVERTERS, INTQ_DOMAIN, IntqConverter
 from intq.passes.ops.base import split_range_suffix
 from intq.passes.ops.unpack_int4 import pack_int4
@@ -141,7 +141,7 @@ def import_onnx(
             node.op_type = converter_key(node.op_type)
 
     extra = {converter_key(op): converter_for(op, converters) for op in intq_types}
-    with compat.extended_convert_map(extra):
+    with compat.extended_convert_map(extra, overrides=checked_ops.OVERRIDES):
         mod = compat.from_onnx(prepared)
     # The frontend sanitizes parameter names ("input.1" -> "input_1"); keep the ONNX ones for feeding.
     initializers = {t.name for t in model.graph.initializer}

@@ -4,8 +4,10 @@
     verify_integer_only     no float between quantizer and dequantizer (passes/verify.py)
     FuseRequantizeEpilogue  IntLinearAcc / IntMatMulAcc + its Requantize -> one kernel
     FuseResidualEpilogue    IntLinear16 + the IntAdd that is its only use -> one kernel
-    schedule_module         hand schedules of the kernels for the target (passes/schedules); last, as
-                            it repacks the linears' weights; TVM's pipeline lowers a schedule as it is
+    schedule_module         hand schedules of the kernels for the target (passes/schedules); it
+                            repacks the linears' weights; TVM's pipeline lowers a schedule as it is
+    InsertRuntimeChecks     the asserts each kernel states it needs at run time (ids inside the table,
+                            broadcastable symbolic dims; passes/runtime_checks.py), before its body
     tvm.compile             TVM's default Relax pipeline for the target (on CPU it fuses no kernels)
 
 Targets are named or given as a TVM target JSON dict (``passes/targets.py``).
@@ -22,6 +24,7 @@ from intq.passes import compat
 from intq.passes.fuse_requantize_epilogue import FuseRequantizeEpilogue
 from intq.passes.fuse_residual_epilogue import FuseResidualEpilogue
 from intq.passes.onnx_import import import_onnx
+from intq.passes.runtime_checks import InsertRuntimeChecks
 from intq.passes.schedules import schedule_module
 from intq.passes.targets import TargetSpec, resolve_target
 from intq.passes.verify import verify_integer_only
@@ -57,7 +60,7 @@ def compile_onnx(model: onnx.ModelProto, target: str | Mapping | None = None) ->
     mod = import_onnx(model)
     verify_integer_only(mod)
     mod = FuseResidualEpilogue()(FuseRequantizeEpilogue()(mod))
-    mod = schedule_module(mod, tgt)
+    mod = InsertRuntimeChecks(tgt)(schedule_module(mod, tgt))
     executable = compat.build(mod, tgt)
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in initializers]

@@ -107,6 +107,26 @@ def cuda_device_code(executable) -> str:
 _NAMED: dict[str, Callable[[Mapping | None], TargetSpec]] = {"x86": _x86, "arm": _arm, "cuda": _cuda}
 
 
+def _check_mcpu(spec: Mapping) -> None:
+    """Refuse an ``mcpu`` that LLVM does not know for the spec's triple (LLVM would build a generic library
+    and the manifest would record the misspelt name)."""
+    import difflib
+
+    from tvm.target import codegen
+
+    mcpu = str(spec["mcpu"])
+    bare = {k: v for k, v in spec.items() if k not in ("mcpu", "mattr")}
+    known = sorted(str(c) for c in codegen.llvm_get_cpu_archlist(compat.tvm.target.Target(bare)))
+    if mcpu not in known and mcpu != "generic":
+        close = difflib.get_close_matches(mcpu, known, n=4)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        triple = spec.get("mtriple", "this host's triple")
+        raise ValueError(
+            f"target mcpu {mcpu!r} is not a CPU that LLVM knows for {triple}; {hint}"
+            f"LLVM's list has {len(known)} names, e.g. {', '.join(known[:6])}"
+        )
+
+
 def resolve_target(target: str | Mapping | None) -> TargetSpec:
     """The ``TargetSpec`` of a target name or TVM target JSON dict (``None``: x86, the host CPU)."""
     if target is None:
@@ -121,6 +141,8 @@ def resolve_target(target: str | Mapping | None) -> TargetSpec:
             raise ValueError(f"target {target!r} is not valid JSON ({exc.msg} at column {exc.colno})") from None
     if isinstance(spec, Mapping):
         kind = str(spec.get("kind", "custom"))
+        if kind == "llvm" and "mcpu" in spec:
+            _check_mcpu(spec)
         if kind == "llvm" and str(spec.get("mtriple", "")).startswith("aarch64"):
             return _arm(spec)
         if kind == "cuda":

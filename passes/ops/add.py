@@ -22,12 +22,15 @@ symbolic dim facing a different one (``seq`` against 65, ``n`` against
 ``k``) is 1 or the common size only at run time: the output dim is the
 static one (else the ``max``) and the read index is ``d == 1 ? 0 : i``, a
 loop-invariant select.  Shapes that ONNX refuses at run time (a symbolic 3
-against 5) are not checked by the kernel; two different static dims are
-refused at import.
+against 5) are refused at run time too: the kernel asserts that each such
+dim is 1 or the output's (``broadcast_checks``; the call raises
+``ValueError`` naming the node); two different static dims are refused at
+import.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from intq.passes.compat import Analyzer, relax, te, tensor_type, tirx
@@ -41,6 +44,7 @@ from intq.passes.ops.base import (
     param_operand,
     read_param,
 )
+from intq.passes.runtime_checks import checks_attrs
 
 QMIN, QMAX = -32768, 32767
 INPUT_DTYPES = ("int8", "int16")
@@ -66,7 +70,7 @@ def broadcast_shape(*shapes: Sequence[tirx.PrimExpr]) -> list[tirx.PrimExpr]:
         dim = wide[0] if wide else dims[0]
         for d in wide[1:]:
             if not analyzer.can_prove_equal(d, dim):
-                dim = te.max(dim, d)  # each is 1 or the common size at run time
+                dim = analyzer.simplify(te.max(dim, d))  # each is 1 or the common size at run time
         out.append(dim)
     return out
 
@@ -84,6 +88,37 @@ def broadcast_index(shape: Sequence[tirx.PrimExpr], out_shape: Sequence[tirx.Pri
         else:
             read.append(tirx.if_then_else(dim == 1, tirx.const(0, i.ty.dtype), i))
     return tuple(read)
+
+
+def _dim_text(dim: tirx.PrimExpr) -> str:
+    """``min(seq, 64)`` for the TVMScript ``T.min(seq, T.int64(64))``."""
+    return re.sub(r"T\.int(?:32|64)\((-?\d+)\)", r"\1", str(dim)).replace("T.", "")
+
+
+def broadcast_checks(op_type: str, node: str, shapes: Sequence[Sequence[tirx.PrimExpr]]) -> list[dict]:
+    """The run-time checks (``passes/runtime_checks.py``) of a kernel whose inputs 0, 1, ... of ``shapes``
+    broadcast to its output (its last param): one per input axis whose size is known neither to be 1 nor
+    to equal the output's; there ``broadcast_index`` reads at 0 when the size is 1, else at the output's
+    index, which is right only when the size is the output's."""
+    from intq.passes.runtime_checks import broadcast_check
+
+    analyzer = Analyzer()
+    out = broadcast_shape(*shapes)
+    checks = []
+    for k, shape in enumerate(shapes):
+        lead = len(out) - len(shape)
+        for axis, dim in enumerate(shape):
+            if _is_one(dim) or analyzer.can_prove_equal(dim, out[lead + axis]):
+                continue
+            message = (
+                f"{op_type} {node!r}: its inputs' shapes do not broadcast: axis {axis} of input {'ab'[k]} "
+                f"({_dim_text(dim)}) is neither 1 nor the output's size ({_dim_text(out[lead + axis])}); "
+                "onnxruntime refuses such "
+                "inputs too. A common cause: a sequence longer than the model's position table, or inputs "
+                "whose shared dims differ"
+            )
+            checks.append(broadcast_check(k, axis, -1, lead + axis, message))
+    return checks
 
 
 def add_values(
@@ -153,5 +188,8 @@ class IntAdd(IntqConverter):
             qmax,
             out_dtype,
             primfunc_name_hint="intq_add",
-            primfunc_attrs=kernel_attrs(cls.op_type, m_a=m_a, m_b=m_b, s=s),
+            primfunc_attrs={
+                **kernel_attrs(cls.op_type, m_a=m_a, m_b=m_b, s=s),
+                **checks_attrs(broadcast_checks(cls.op_type, node, shapes)),
+            },
         )

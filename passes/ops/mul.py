@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from intq.passes.compat import relax, te, tensor_type
 from intq.passes.ops import dyadic
-from intq.passes.ops.add import broadcast_index, broadcast_shape
+from intq.passes.ops.add import broadcast_checks, broadcast_index, broadcast_shape
 from intq.passes.ops.base import IntqConverter, Operand, dtype_of, kernel_attrs, param_operand, read_param
+from intq.passes.runtime_checks import checks_attrs
 
 INPUT_DTYPES = ("int8", "int16")
 
@@ -63,5 +64,8 @@ class IntMul(IntqConverter):
             qmin,
             qmax,
             primfunc_name_hint="intq_mul",
-            primfunc_attrs=kernel_attrs(cls.op_type, m=m, s=s),
+            primfunc_attrs={
+                **kernel_attrs(cls.op_type, m=m, s=s),
+                **checks_attrs(broadcast_checks(cls.op_type, node, shapes)),
+            },
         )
