@@ -512,6 +512,11 @@ class Converter:
         scales for the int32 bias for the same reason.  A channel that is 0
         in weights and bias keeps ``S_acc = 1e-30 / q_w`` and computes 0.
         """
+        if w.numel() == 0:
+            raise UnsupportedModelError(
+                f"layer {where!r}: its weight has shape {list(w.shape)}, zero elements, so it computes an empty "
+                "tensor; remove the layer (or give it at least one input and one output channel) and re-export."
+            )
         q_w = (1 << (bits - 1)) - 1
         w = w.double()
         s_x = torch.as_tensor(np.asarray(s_x, dtype=np.float64))
