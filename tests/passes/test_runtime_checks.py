@@ -155,3 +155,20 @@ def test_symbolic_dims_that_do_not_broadcast_raise(op):
     for b_rows in (1, 7):  # what broadcasts still runs, and equals onnxruntime
         b = np.full((1, b_rows, 4), 3, np.int8)
         np.testing.assert_array_equal(run(runnable, {"a": a, "b": b})[0], ort_run(model, {"a": a, "b": b})[0])
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"kind": "llvm", "mcpu": "nonsense"}, "mcpu 'nonsense' is not a CPU that LLVM knows"),
+        ({"kind": "llvm", "mcpu": "znver"}, "did you mean znver"),
+        ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "znver3"}, "for aarch64-linux-gnu"),
+    ],
+)
+def test_an_unknown_mcpu_is_refused_by_name(spec, message):
+    from intq.passes.targets import resolve_target
+
+    with pytest.raises(ValueError, match=message):
+        resolve_target(spec)
+    known = {**spec, "mcpu": "cortex-a76" if "mtriple" in spec else "znver3"}
+    assert resolve_target(known).target.attrs["mcpu"] == known["mcpu"]
